@@ -1,0 +1,105 @@
+"""WKV-7 operators for RWKV-7 (installed as ``rwkv7_kernels``; the source folder is ``kernels/``).
+
+``wkv7`` is the one entry point. It dispatches on the device of its inputs:
+
+* CUDA tensors -> our Triton kernels (``rwkv7_kernels.triton_wkv7``), when Triton is importable;
+* anything else -> the chunk-parallel PyTorch path (``rwkv7_kernels.chunked_torch``).
+
+Tests and benchmarks can force a path with ``backend=`` or the environment variable
+``RWKV7_WKV_BACKEND`` (``triton``, ``torch`` or ``reference``). ``TRITON_INTERPRET=1`` makes the
+Triton path run on CPU tensors, which is how CI tests the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .chunked_torch import wkv7_chunked_torch
+from .reference import wkv7_reference
+
+__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends"]
+
+BACKENDS = ("triton", "torch", "reference")
+
+
+def _triton_wkv7():
+    try:
+        from .triton_wkv7 import wkv7_triton
+    except ImportError:  # no triton on this platform, or the kernel module is not present
+        return None
+    return wkv7_triton
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine."""
+    return (["triton"] if _triton_wkv7() is not None else []) + ["torch", "reference"]
+
+
+def _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens) -> None:
+    if r.dim() != 4:
+        raise ValueError(f"wkv7 expects inputs of shape [B, T, H, N]; got r with shape {tuple(r.shape)}")
+    for name, x in zip("wkab", (w, k, a, b)):
+        if x.shape != r.shape:
+            raise ValueError(f"wkv7: `{name}` has shape {tuple(x.shape)} but `r` has {tuple(r.shape)}; they must match")
+    if v.shape[:3] != r.shape[:3]:
+        raise ValueError(f"wkv7: `v` has shape {tuple(v.shape)}, incompatible with r {tuple(r.shape)}")
+    B, _, H, K = r.shape
+    V = v.shape[-1]
+    n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"wkv7: with `cu_seqlens` the batch must be 1 (packed sequences); got B={B}")
+    if initial_state is not None and (
+        initial_state.dim() != 4 or initial_state.shape[1:] != (H, K, V) or initial_state.shape[0] not in (1, n_states)
+    ):
+        raise ValueError(
+            f"wkv7: `initial_state` must have shape [{n_states}, {H}, {K}, {V}] (or batch 1 to broadcast); "
+            f"got {tuple(initial_state.shape)}"
+        )
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The WKV-7 recurrence, forward and backward.
+
+    Args:
+        r, w, k, a, b: ``[B, T, H, K]``; ``w`` is the log of the decay (RWKV-7 keeps it in
+            ``[-0.6065306597, 0)``); ``a = -kappa_hat`` and ``b = kappa_hat * iclr``.
+        v: ``[B, T, H, V]``.
+        initial_state: ``[B, H, K, V]`` fp32 (``[N, H, K, V]`` with ``cu_seqlens``), or batch 1 to
+            share one state across the batch; its gradient is returned by autograd.
+        output_final_state: also return the state after the last token (fp32).
+        cu_seqlens: ``[N + 1]`` cumulative lengths of packed sequences (then ``B == 1``).
+        backend: ``"triton"``, ``"torch"`` or ``"reference"``; default: Triton for CUDA tensors,
+            PyTorch otherwise.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the dtype of ``r``; ``final_state`` is
+        ``[B, H, K, V]`` fp32, or ``None`` unless ``output_final_state``. Same semantics as
+        flash-linear-attention's ``chunk_rwkv7(..., scale=1.0)``.
+    """
+    _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
+    backend = backend or os.environ.get("RWKV7_WKV_BACKEND") or ("triton" if r.is_cuda else "torch")
+    if backend == "triton":
+        fn = _triton_wkv7()
+        if fn is None:
+            raise RuntimeError("wkv7: the Triton backend was requested but Triton is not available here")
+    elif backend == "torch":
+        fn = wkv7_chunked_torch
+    elif backend == "reference":
+        fn = wkv7_reference
+    else:
+        raise ValueError(f"wkv7: unknown backend {backend!r}; choose one of {BACKENDS}")
+    o, final = fn(r, w, k, v, a, b, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return o.to(r.dtype), final

@@ -1,0 +1,507 @@
+"""RWKV-7 ("Goose", x070) for Hugging Face transformers.
+
+One readable file, following the official x070 equations (BlinkDL's ``rwkv_v7_demo.py`` and pip
+``rwkv``). Parameter names are the official ones, so that an official ``.pth`` loads by a prefix
+rename (``emb`` -> ``model.emb``, ``blocks.*`` -> ``model.blocks.*``, ``head`` stays).
+
+What is not in the official code:
+
+* ``initial_state``: the forward takes a per-layer initial state (:class:`Rwkv7State`, fp32,
+  batch-broadcastable) as a plain argument, so a trainable state receives its gradient, survives
+  gradient checkpointing (it is an explicit input of each checkpointed block) and batch expansion
+  in ``generate()``.
+* ``attention_mask``: padded positions leave the state exactly as it was (decay 1, k = v = a = b = 0,
+  and the token shift skips them), so left padding works with a non-zero initial state.
+* The WKV recurrence runs through ``rwkv7_kernels.wkv7`` (Triton on CUDA, chunked PyTorch on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from rwkv7_kernels import wkv7
+
+from .cache_rwkv7 import Rwkv7Cache, Rwkv7State
+from .configuration_rwkv7 import Rwkv7Config
+from .convert import is_fla_folder, load_fla_folder
+
+logger = logging.get_logger(__name__)
+
+# w = exp(-e^{-0.5} * sigmoid(d)) keeps every decay in (0.545, 1); we pass its log to the kernel.
+DECAY_SCALE = math.exp(-0.5)  # 0.6065306597126334
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The previous token's features for every position: ``prev`` for the first (real) token.
+
+    ``x`` is ``[B, T, C]``, ``prev`` ``[B, C]`` (or ``None`` for zeros), ``mask`` ``[B, T]`` bool with
+    ``False`` on padding. A token whose predecessor is padding sees ``prev``: with left padding that
+    is exactly the first real token.
+    """
+    B, _, C = x.shape
+    prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype).expand(B, C)
+    shifted = torch.cat([prev[:, None], x[:, :-1]], dim=1)
+    if mask is not None:
+        prev_is_pad = torch.cat([mask.new_ones(B, 1), ~mask[:, :-1]], dim=1)
+        shifted = torch.where(prev_is_pad[..., None], prev[:, None], shifted)
+    return shifted
+
+
+def last_real_token(x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The features of each row's last non-padding token (``prev`` for a row of padding only)."""
+    if mask is None:
+        return x[:, -1]
+    B, T, C = x.shape
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    picked = x[torch.arange(B, device=x.device), last.clamp(min=0)]
+    prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype).expand(B, C)
+    return torch.where((last >= 0)[:, None], picked, prev)
+
+
+def _fit_batch(state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Broadcast a state of batch 1, or repeat a state of batch b to batch n*b (``generate`` expands
+    each prompt into beams / return sequences with ``repeat_interleave``)."""
+    if state is None or state.shape[0] in (1, batch):
+        return state
+    if batch % state.shape[0]:
+        raise ValueError(f"an initial state of batch {state.shape[0]} cannot be used for a batch of {batch}")
+    return state.repeat_interleave(batch // state.shape[0], dim=0)
+
+
+class Rwkv7TimeMix(nn.Module):
+    """The RWKV-7 time mix ("attention"): token shift, six lerps, LoRAs, WKV, GroupNorm, bonus, gate."""
+
+    def __init__(self, config: Rwkv7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        C, H, N = config.hidden_size, config.num_heads, config.head_dim
+        self.num_heads, self.head_dim = H, N
+        vec = lambda: nn.Parameter(torch.zeros(1, 1, C))  # noqa: E731
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.a0, self.v0 = vec(), vec(), vec()
+        self.w1 = nn.Parameter(torch.zeros(C, config.decay_low_rank_dim))
+        self.w2 = nn.Parameter(torch.zeros(config.decay_low_rank_dim, C))
+        self.a1 = nn.Parameter(torch.zeros(C, config.a_low_rank_dim))
+        self.a2 = nn.Parameter(torch.zeros(config.a_low_rank_dim, C))
+        # Layer 0 owns the value residual (v_first) and never reads v0/v1/v2; checkpoints still
+        # carry them, so we keep them for a lossless round trip.
+        self.v1 = nn.Parameter(torch.zeros(C, config.v_low_rank_dim))
+        self.v2 = nn.Parameter(torch.zeros(config.v_low_rank_dim, C))
+        self.g1 = nn.Parameter(torch.zeros(C, config.gate_low_rank_dim))
+        self.g2 = nn.Parameter(torch.zeros(config.gate_low_rank_dim, C))
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=N * config.norm_eps)  # 64e-5 for head size 64
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        v_first: torch.Tensor | None,
+        wkv_state: torch.Tensor | None,
+        shift_state: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        output_final_state: bool,
+    ):
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_dim
+        xx = token_shift(x, shift_state, mask) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        # The decay is computed in fp32: in bf16, decays just below 1 would round to exactly 1.
+        d = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()
+        log_w = -DECAY_SCALE * torch.sigmoid(d)
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_idx == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
+        k = k * (1 + (iclr - 1) * self.k_a)
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        r_, k_, v_, iclr_ = heads(r), heads(k), heads(v), heads(iclr)
+        log_w = heads(log_w)
+        a_, b_ = -kk, kk * iclr_
+        if mask is not None:
+            # Padding must not touch the state: decay 1 (log 0) and no write (k = v = a = b = 0).
+            keep = mask[:, :, None, None]
+            log_w = log_w.masked_fill(~keep, 0.0)
+            k_w, v_w, a_, b_ = (t.masked_fill(~keep, 0.0) for t in (k_, v_, a_, b_))
+        else:
+            k_w, v_w = k_, v_
+        o, wkv_final = wkv7(
+            r_, log_w, k_w, v_w, a_, b_,
+            initial_state=wkv_state,
+            output_final_state=output_final_state,
+        )
+        o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
+        o = o.view(B, T, C).to(x.dtype)
+        bonus = (r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_
+        o = o + bonus.view(B, T, C)
+        out = self.output(o * g)
+        shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
+        return out, v_first, wkv_final, shift_final
+
+
+class Rwkv7ChannelMix(nn.Module):
+    """The RWKV-7 channel mix: token shift and a ReLU^2 feed-forward layer."""
+
+    def __init__(self, config: Rwkv7Config):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x, shift_state, mask, output_final_state: bool):
+        k = x + (token_shift(x, shift_state, mask) - x) * self.x_k
+        out = self.value(torch.relu(self.key(k)) ** 2)
+        shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
+        return out, shift_final
+
+
+class Rwkv7Block(nn.Module):
+    def __init__(self, config: Rwkv7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        if layer_idx == 0:
+            self.ln0 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.att = Rwkv7TimeMix(config, layer_idx)
+        self.ffn = Rwkv7ChannelMix(config)
+
+    def forward(self, x, v_first, wkv_state, att_shift, ffn_shift, mask, output_final_state: bool = False):
+        """Returns ``(x, v_first, wkv_final, att_shift_final, ffn_shift_final)`` (finals ``None``
+        unless ``output_final_state``). Every state is an explicit argument, so a checkpointed
+        replay sees the same tensors and their gradients flow."""
+        if self.layer_idx == 0:
+            x = self.ln0(x)
+        att_out, v_first, wkv_final, att_final = self.att(
+            self.ln1(x), v_first, wkv_state, att_shift, mask, output_final_state
+        )
+        x = x + att_out
+        ffn_out, ffn_final = self.ffn(self.ln2(x), ffn_shift, mask, output_final_state)
+        x = x + ffn_out
+        return x, v_first, wkv_final, att_final, ffn_final
+
+
+@dataclass
+class Rwkv7Output(ModelOutput):
+    """Output of :class:`Rwkv7Model`: ``cache`` holds the state after the last token when ``use_cache``."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Rwkv7Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class Rwkv7CausalLMOutput(ModelOutput):
+    """Output of :class:`Rwkv7ForCausalLM`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Rwkv7Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class Rwkv7PreTrainedModel(PreTrainedModel):
+    config_class = Rwkv7Config
+    config: Rwkv7Config
+    base_model_prefix = "model"
+    _no_split_modules = ["Rwkv7Block"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True  # no assisted generation: a recurrent state cannot be rolled back
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads local folders in the
+        flash-linear-attention hub format (``RWKV7ForCausalLM``) directly, no ``trust_remote_code``."""
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and is_fla_folder(path):
+            return cls._from_fla_folder(path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _from_fla_folder(cls, path, dtype=None):
+        config, state_dict = load_fla_folder(path)
+        if not issubclass(cls, Rwkv7ForCausalLM):  # the backbone alone
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
+        return model.eval()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialisation for training from scratch, after BlinkDL's ``train_temp`` recipe
+        (simplified). Loading a checkpoint never calls this on loaded tensors."""
+        cfg = self.config
+        if isinstance(module, Rwkv7TimeMix):
+            L, i, C = cfg.num_hidden_layers, module.layer_idx, cfg.hidden_size
+            ratio_0_to_1 = i / max(L - 1, 1)
+            ratio_1_to_almost0 = 1.0 - i / L
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                getattr(module, name).copy_((1.0 - ddd.pow(power * ratio_1_to_almost0)).view(1, 1, C))
+            n = torch.arange(C, dtype=torch.float32)
+            decay_speed = -7 + 5 * (n / (C - 1)) ** (0.85 + 1.0 * ratio_0_to_1**0.5)
+            module.w0.copy_((decay_speed + 0.5).view(1, 1, C))
+            module.a0.zero_()
+            module.v0.fill_(1.0)
+            for name in ("w1", "a1", "v1", "g1"):
+                getattr(module, name).zero_()
+            for name in ("w2", "a2", "v2", "g2"):
+                nn.init.orthogonal_(getattr(module, name), gain=0.1)
+            module.k_k.fill_(0.85)
+            module.k_a.fill_(1.0)
+            module.r_k.fill_(-0.04)
+            scale = C**-0.5
+            for lin in (module.receptance, module.key):
+                lin.weight.uniform_(-scale, scale)
+            module.value.weight.uniform_(-0.5 * scale, 0.5 * scale)
+            module.output.weight.zero_()
+            module.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+            module.ln_x.bias.zero_()
+        elif isinstance(module, Rwkv7ChannelMix):
+            i = next(b.layer_idx for b in self.modules() if isinstance(b, Rwkv7Block) and b.ffn is module)
+            ratio_1_to_almost0 = 1.0 - i / cfg.num_hidden_layers
+            ddd = torch.arange(cfg.hidden_size, dtype=torch.float32) / cfg.hidden_size
+            module.x_k.copy_((1.0 - ddd.pow(ratio_1_to_almost0**4)).view(1, 1, -1))
+            scale = cfg.hidden_size**-0.5
+            module.key.weight.uniform_(-scale, scale)
+            module.value.weight.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.uniform_(-1e-4, 1e-4)
+        elif isinstance(module, nn.Linear) and getattr(module, "_is_lm_head", False):
+            module.weight.normal_(0.0, 0.5 * (cfg.vocab_size / cfg.hidden_size) ** 0.5 / cfg.vocab_size**0.5)
+
+
+class Rwkv7Model(Rwkv7PreTrainedModel):
+    """The RWKV-7 backbone: embedding, blocks, final LayerNorm."""
+
+    def __init__(self, config: Rwkv7Config):
+        super().__init__(config)
+        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Rwkv7Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.emb
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.emb = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Rwkv7Cache | None = None,
+        use_cache: bool | None = None,
+        initial_state: Rwkv7State | list[torch.Tensor | None] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Rwkv7Output | tuple:
+        r"""
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding. Padding (left or right)
+                leaves the recurrent state untouched.
+            cache: an :class:`Rwkv7Cache` to continue from and update (incremental decoding).
+            use_cache: return the state after the last token in ``cache`` (a new cache if none was given).
+            initial_state: the state to start from when ``cache`` holds none yet: an
+                :class:`Rwkv7State` or a list of per-layer WKV tensors ``[B or 1, H, K, V]`` (fp32,
+                flash-linear-attention layout). Gradients flow into it (state tuning).
+        """
+        if "past_key_values" in kwargs and cache is None:  # the name used by older transformers
+            cache = kwargs.pop("past_key_values")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, seq_len]; got {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids contain ids outside [0, {self.config.vocab_size}): min {int(input_ids.min())}, "
+                    f"max {int(input_ids.max())}. Check that the tokenizer matches the model."
+                )
+            inputs_embeds = self.emb(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if T == 0:
+            raise ValueError("The input has zero tokens; pass at least one token per row.")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must have shape {(B, T)}; got {tuple(attention_mask.shape)}")
+            mask = attention_mask.bool()
+            if bool(mask.all()):
+                mask = None  # no padding: skip the masking work
+
+        if use_cache and cache is None:
+            cache = Rwkv7Cache(self.config.num_hidden_layers)
+        start = cache.state if (cache is not None and cache.seen_tokens > 0) else None
+        start = start or Rwkv7State.coerce(initial_state, self.config.num_hidden_layers)
+
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x, v_first = inputs_embeds, None
+        all_hidden = (x,) if output_hidden_states else None
+        for i, block in enumerate(self.blocks):
+            wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
+            wkv0 = _fit_batch(wkv0, B)
+            att0, ffn0 = _fit_batch(att0, B), _fit_batch(ffn0, B)
+            if wkv0 is not None:
+                wkv0 = wkv0.float()
+            if checkpointing:
+                x, v_first, wkv, att, ffn = self._gradient_checkpointing_func(
+                    block.__call__, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
+                )
+            else:
+                x, v_first, wkv, att, ffn = block(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache))
+            if use_cache:
+                cache.update(i, wkv, att, ffn)
+            if output_hidden_states:
+                all_hidden += (x,)
+        x = self.ln_out(x)
+        if use_cache:
+            cache.seen_tokens += T
+        if not return_dict:
+            return tuple(t for t in (x, cache if use_cache else None, all_hidden) if t is not None)
+        return Rwkv7Output(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
+
+
+class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
+    """RWKV-7 with its (untied) language-model head."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: Rwkv7Config):
+        super().__init__(config)
+        self.model = Rwkv7Model(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head._is_lm_head = True
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.emb
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.emb = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Rwkv7Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        initial_state: Rwkv7State | list[torch.Tensor | None] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Rwkv7CausalLMOutput | tuple:
+        r"""Arguments as :meth:`Rwkv7Model.forward`, plus ``labels`` (``[B, T]``, shifted inside,
+        -100 ignored) and ``logits_to_keep`` (compute the logits of the last N positions only)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else kwargs.pop("past_key_values", None),
+            use_cache=use_cache,
+            initial_state=initial_state,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            out = (logits, outputs.cache, outputs.hidden_states)
+            out = tuple(t for t in out if t is not None)
+            return ((loss,) + out) if loss is not None else out
+        return Rwkv7CausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Rwkv7Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        initial_state=None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens that the cache has not seen yet (the whole prompt at first)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
+        for unused in ("cache_position", "position_ids", "next_sequence_length", "is_first_iteration"):
+            kwargs.pop(unused, None)
+        seen = cache.seen_tokens if cache is not None else 0
+        model_inputs: dict = {"cache": cache, "use_cache": use_cache, "initial_state": initial_state}
+        if inputs_embeds is not None and seen == 0:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids[:, seen:] if seen else input_ids
+        if attention_mask is not None:
+            new_tokens = (model_inputs.get("input_ids", inputs_embeds)).shape[1]
+            model_inputs["attention_mask"] = attention_mask[:, -new_tokens:]
+        model_inputs.update(kwargs)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["cache"] = outputs.cache
+        model_kwargs.pop("past_key_values", None)
+        return model_kwargs
+
+    def _reorder_cache(self, cache: Rwkv7Cache | None, beam_idx: torch.LongTensor) -> Rwkv7Cache | None:
+        if cache is not None:  # None when generating with use_cache=False
+            cache.reorder_cache(beam_idx)
+        return cache
