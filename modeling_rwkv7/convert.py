@@ -219,6 +219,22 @@ def load_official_checkpoint(pth_path: str | os.PathLike) -> dict:
     return state_dict
 
 
+def atomic_write_file(path: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then ``os.replace`` it into
+    place: readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def atomic_save_folder(out_dir: str | os.PathLike, write) -> Path:
     """Run ``write(tmp_dir)`` into a temporary folder next to ``out_dir``, then move each file
     into place with ``os.replace``: a crash midway leaves the previous files intact."""
