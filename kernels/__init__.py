@@ -22,6 +22,26 @@ from .reference import wkv7_reference
 __all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends"]
 
 BACKENDS = ("triton", "torch", "reference")
+# Up to this many tokens without autograd (generation), the Triton path runs the plain recurrence:
+# no chunk machinery, one launch per layer.
+DECODE_MAX_T = 16
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _decode(r, w, k, v, a, b, initial_state, output_final_state):
+    from .triton_wkv7 import wkv7_decode_triton
+
+    B, _, H, K = r.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        state = torch.zeros(B, H, K, V, dtype=torch.float32, device=r.device)
+    else:  # a copy: the caller's state (a cache entry or a tuned parameter) is never modified
+        state = initial_state.to(torch.float32).expand(B, H, K, V).clone(memory_format=torch.contiguous_format)
+    o = wkv7_decode_triton(r, w, k, v, a, b, state)
+    return o, (state if output_final_state else None)
 
 
 def _triton_wkv7():
@@ -91,6 +111,8 @@ def wkv7(
     """
     _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
     backend = backend or os.environ.get("RWKV7_WKV_BACKEND") or ("triton" if r.is_cuda else "torch")
+    if backend == "triton" and r.shape[1] <= DECODE_MAX_T and cu_seqlens is None and not _needs_grad(r, w, k, v, a, b, initial_state):
+        return _decode(r, w, k, v, a, b, initial_state, output_final_state)
     if backend == "triton":
         fn = _triton_wkv7()
         if fn is None:

@@ -23,6 +23,8 @@ class Rwkv7Config(PretrainedConfig):
         norm_eps: LayerNorm epsilon (1e-5). The per-head GroupNorm of the time mix uses
             ``head_dim * norm_eps`` (= 64e-5), as the official code does.
         initializer_range: standard deviation used only when training from scratch.
+        chunked_loss_in_training: in training mode with ``labels``, compute the loss chunk by chunk
+            and return no logits (saves the largest activation; ``model.eval()`` returns logits).
     """
 
     model_type = "rwkv7"
@@ -42,6 +44,7 @@ class Rwkv7Config(PretrainedConfig):
         norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        chunked_loss_in_training: bool = True,
         pad_token_id: int = 0,
         bos_token_id: int = 0,
         eos_token_id: int = 0,
@@ -62,6 +65,7 @@ class Rwkv7Config(PretrainedConfig):
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.chunked_loss_in_training = chunked_loss_in_training
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

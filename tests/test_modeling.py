@@ -224,3 +224,24 @@ def test_registration_survives_a_prior_rwkv7_registration():
         "assert type(m).__name__ == 'Rwkv7ForCausalLM'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunked_training_loss_equals_full_loss(converted):
+    _, _, model, _ = converted
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(9))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    head_grads = []
+    for chunked in (False, True):
+        model.train()
+        model.config.chunked_loss_in_training = chunked
+        model.head.weight.requires_grad_(True)
+        model.zero_grad()
+        out = model(ids, labels=labels)
+        assert (out.logits is None) == chunked
+        out.loss.backward()
+        head_grads.append((out.loss.detach(), model.head.weight.grad.clone(), model.model.emb.weight.grad.clone()))
+    model.eval()
+    model.config.chunked_loss_in_training = True
+    for full, chunked in zip(*head_grads):
+        torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,70 @@
+"""generate() speed at the 0.1B shape: our Rwkv7ForCausalLM vs flash-linear-attention's RWKV7ForCausalLM.
+
+Random weights, bf16, 16-token prompt, 128 new tokens, greedy; batch 1 and 32. Also checks that
+our greedy tokens equal those of our own full-sequence forward. Writes
+benchmarks/results/bench_generate.json. Run on a GPU: python benchmarks/bench_generate.py
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+
+from common import device_info, random_model_0_1b, timed, write_results
+
+PROMPT, NEW = 16, 128
+
+
+def tokens_per_s(model, batch: int, **kwargs) -> float:
+    ids = torch.randint(1, 65536, (batch, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **kwargs)
+
+    return batch * NEW / timed(run, warmup=1, repeat=3)
+
+
+def greedy_matches_full_forward(model) -> bool:
+    ids = torch.randint(1, 65536, (2, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        logits = model(gen).logits[:, PROMPT - 1 : -1]
+    # Each generated token must be the argmax of the full-sequence forward at its position (ties aside).
+    picked = logits.gather(-1, gen[:, PROMPT:, None]).squeeze(-1)
+    return bool((picked >= logits.max(-1).values - 1e-2).all())
+
+
+def main() -> None:
+    results = {"device": device_info(), "prompt": PROMPT, "new_tokens": NEW, "runs": {}}
+    ours, _ = random_model_0_1b()
+    ours.eval()
+    results["ours_greedy_equals_full_forward"] = greedy_matches_full_forward(ours)
+    for batch in (1, 32):
+        results["runs"][f"ours_b{batch}"] = {"tokens_per_s": tokens_per_s(ours, batch)}
+        print(f"ours b{batch}", results["runs"][f"ours_b{batch}"], flush=True)
+    del ours
+    try:
+        from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+        config = RWKV7Config(
+            vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_dim=64, decay_low_rank_dim=64,
+            a_low_rank_dim=64, v_low_rank_dim=32, gate_low_rank_dim=128, intermediate_size=3072,
+        )  # fmt: skip
+        peer = RWKV7ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+        for batch in (1, 32):
+            results["runs"][f"fla_b{batch}"] = {"tokens_per_s": tokens_per_s(peer, batch)}
+            print(f"fla b{batch}", results["runs"][f"fla_b{batch}"], flush=True)
+    except Exception as err:  # noqa: BLE001
+        results["runs"]["fla"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+        print("fla failed:", err)
+    for batch in (1, 32):
+        a, b = results["runs"].get(f"ours_b{batch}"), results["runs"].get(f"fla_b{batch}")
+        if a and b:
+            a["speed_vs_fla"] = a["tokens_per_s"] / b["tokens_per_s"]
+    print(write_results("bench_generate", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""State-tuning train step at the 0.1B shape: ours vs flash-linear-attention's RWKV-7 vs PEFT LoRA.
+
+B = 8, T = 4096, bf16, random weights; tokens/s and peak memory of one optimiser step.
+Writes benchmarks/results/bench_train.json and bench_train.png. Run on a GPU:
+    python benchmarks/bench_train.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import torch
+
+import peft_state_tuning  # noqa: F401
+from common import RESULTS, device_info, random_model_0_1b, timed, write_results
+from peft import LoraConfig, get_peft_model
+from peft_state_tuning import StateTuningConfig
+
+
+def measure(step, tokens: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, warmup=2, repeat=5)
+    return {"tokens_per_s": tokens / seconds, "step_s": seconds, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def ours(batch, seq, checkpointing: bool) -> dict:
+    model, _ = random_model_0_1b()
+    peft_model = get_peft_model(model, StateTuningConfig())
+    if checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 65536, (batch, seq), device="cuda")
+
+    def step():
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = measure(step, batch * seq)
+    # Frozen weights must get no gradient at all.
+    out["weight_grads_computed"] = sum(p.grad is not None for p in model.parameters())
+    del peft_model, model, opt
+    return out
+
+
+def lora(batch, seq) -> dict:
+    model, _ = random_model_0_1b()
+    config = LoraConfig(r=16, target_modules=r".*\.att\.(receptance|key|value|output)")
+    peft_model = get_peft_model(model, config)
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 65536, (batch, seq), device="cuda")
+
+    def step():
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = measure(step, batch * seq)
+    del peft_model, model, opt
+    return out
+
+
+def fla_peer(batch, seq) -> dict:
+    """fla 0.6.0's RWKV7ForCausalLM, frozen, with trainable states injected into chunk_rwkv7
+    through its cache (the only way its HF model takes a state); no gradient checkpointing (it
+    would drop the injected state)."""
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+    from fla.models.utils import Cache
+
+    config = RWKV7Config(
+        vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_dim=64, decay_low_rank_dim=64,
+        a_low_rank_dim=64, v_low_rank_dim=32, gate_low_rank_dim=128, intermediate_size=3072,
+    )  # fmt: skip
+    model = RWKV7ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    model.train()
+    states = [torch.zeros(1, 12, 64, 64, device="cuda", requires_grad=True) for _ in range(12)]
+    opt = torch.optim.AdamW(states, lr=1e-3)
+    ids = torch.randint(0, 65536, (batch, seq), device="cuda")
+
+    def step():
+        cache = Cache.from_legacy_cache(
+            [{"recurrent_state": s.expand(batch, -1, -1, -1), "attn_state": None, "conv_state": None,
+              "ffn_state": None} for s in states]  # fmt: skip
+        )
+        loss = model(input_ids=ids, labels=ids, past_key_values=cache, use_cache=False).loss
+        loss.backward()
+        assert states[0].grad is not None, "fla: the injected state got no gradient"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = measure(step, batch * seq)
+    del model, opt
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    args = parser.parse_args()
+    results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "runs": {}}
+    runs = {
+        "ours_state_tuning": lambda: ours(args.batch, args.seq, checkpointing=False),
+        "ours_state_tuning_ckpt": lambda: ours(args.batch, args.seq, checkpointing=True),
+        "ours_lora_r16": lambda: lora(args.batch, args.seq),
+        "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
+    }
+    for name, fn in runs.items():
+        try:
+            results["runs"][name] = fn()
+        except Exception as err:  # noqa: BLE001 - recorded, the other runs go on
+            results["runs"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+        print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
+    peer = results["runs"].get("fla_state_tuning", {})
+    for name, r in results["runs"].items():
+        if "tokens_per_s" in r and "tokens_per_s" in peer:
+            r["speed_vs_fla"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            r["memory_vs_fla"] = r["peak_gb"] / peer["peak_gb"]
+    print(write_results("bench_train", results))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = {k: v for k, v in results["runs"].items() if "tokens_per_s" in v}
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        axes[0].bar(list(ok), [v["tokens_per_s"] / 1e3 for v in ok.values()])
+        axes[0].set_ylabel("k tokens/s")
+        axes[1].bar(list(ok), [v["peak_gb"] for v in ok.values()])
+        axes[1].set_ylabel("peak GB")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=30)
+        fig.suptitle(f"state-tuning train step, 0.1B, B={args.batch} T={args.seq}, {results['device']['gpu']}")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "bench_train.png", dpi=100)
+    except Exception as err:  # noqa: BLE001
+        print("plot failed:", err)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Shared helpers of the GPU benchmarks: the 0.1B shape, timing, results files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE_0_1B = dict(vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_dim=64,
+                  decay_low_rank_dim=64, a_low_rank_dim=64, v_low_rank_dim=32, gate_low_rank_dim=128)  # fmt: skip
+
+
+def random_model_0_1b(dtype=torch.bfloat16, device="cuda"):
+    """Our Rwkv7ForCausalLM at the 0.1B shape with random weights at realistic scales."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from checkpoints import random_official_state_dict
+
+    from modeling_rwkv7 import Rwkv7ForCausalLM
+    from modeling_rwkv7.convert import config_from_official, official_to_hf
+
+    sd = random_official_state_dict(vocab=65536, hidden=768, layers=12, ranks=(64, 64, 32, 128))
+    config = config_from_official(sd)
+    model = Rwkv7ForCausalLM(config)
+    model.load_state_dict(official_to_hf(sd, config))
+    return model.to(device=device, dtype=dtype), sd
+
+
+def timed(fn, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of ``fn()`` (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def device_info() -> dict:
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
