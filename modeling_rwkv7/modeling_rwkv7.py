@@ -32,6 +32,7 @@ from rwkv7_kernels import wkv7
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import is_fla_folder, load_fla_folder
+from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
 
@@ -400,7 +401,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape [batch, seq_len]; got {tuple(input_ids.shape)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host syncs then
+            if input_ids.numel() and not capturing and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 raise ValueError(
                     f"input_ids contain ids outside [0, {self.config.vocab_size}): min {int(input_ids.min())}, "
                     f"max {int(input_ids.max())}. Check that the tokenizer matches the model."
@@ -488,13 +490,51 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Rwkv7CausalLMOutput | tuple:
         r"""Arguments as :meth:`Rwkv7Model.forward`, plus ``labels`` (``[B, T]``, shifted inside,
-        -100 ignored) and ``logits_to_keep`` (compute the logits of the last N positions only)."""
+        -100 ignored) and ``logits_to_keep`` (compute the logits of the last N positions only).
+
+        One-token decoding steps with a cache on CUDA (``generate()``) replay a captured CUDA graph
+        (see ``graph_decode.py``); the result is the same as the eager path."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if return_dict is not False and can_use_graph(
+            self, input_ids, cache, dict(kwargs, labels=labels, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        ):
+            graph = self._decode_graphs.get(input_ids.shape[0])
+            if graph is None:
+                graph = self._decode_graphs[input_ids.shape[0]] = DecodeGraph(self, cache, input_ids.shape[0])
+            return Rwkv7CausalLMOutput(logits=graph.run(input_ids, cache), cache=cache)
+        return self._eager_forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+            labels=labels, use_cache=use_cache, initial_state=initial_state, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, logits_to_keep=logits_to_keep, **kwargs,
+        )  # fmt: skip
+
+    @property
+    def _decode_graphs(self) -> dict:
+        # Captured decoding steps by batch size; kept outside nn.Module's registries (not state).
+        if "_graphs" not in self.__dict__:
+            self.__dict__["_graphs"] = {}
+        return self.__dict__["_graphs"]
+
+    def _eager_forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        cache=None,
+        labels=None,
+        use_cache=None,
+        initial_state=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> Rwkv7CausalLMOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else kwargs.pop("past_key_values", None),
+            cache=cache,
             use_cache=use_cache,
             initial_state=initial_state,
             output_hidden_states=output_hidden_states,

@@ -1,0 +1,72 @@
+"""GPU-only checks (skipped without CUDA; run them on the device machine):
+the model on the Triton kernels against the CPU path, and CUDA-graph decoding against eager decoding."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from modeling_rwkv7 import Rwkv7ForCausalLM
+    from modeling_rwkv7.convert import config_from_official, official_to_hf
+
+    from checkpoints import random_official_state_dict
+
+    sd = random_official_state_dict(vocab=1000, hidden=256, layers=4, seed=3)
+    cfg = config_from_official(sd)
+    m = Rwkv7ForCausalLM(cfg)
+    m.load_state_dict(official_to_hf(sd, cfg))
+    return m.eval()
+
+
+def test_triton_model_matches_cpu_model(model):
+    ids = torch.randint(0, 1000, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cpu = model(ids).logits
+        gpu = model.cuda()(ids.cuda()).logits.cpu()
+    model.cpu()
+    assert (gpu - cpu).abs().max() / cpu.abs().max() < 2e-3
+
+
+def test_graph_decoding_equals_eager_decoding(model):
+    model.cuda()
+    ids = torch.randint(1, 1000, (3, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        graphed = model.generate(ids, max_new_tokens=20, do_sample=False)
+        beams_graphed = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        os.environ["RWKV7_CUDA_GRAPHS"] = "0"
+        try:
+            eager = model.generate(ids, max_new_tokens=20, do_sample=False)
+            beams_eager = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        finally:
+            os.environ.pop("RWKV7_CUDA_GRAPHS")
+    model.cpu()
+    assert torch.equal(graphed, eager)
+    assert torch.equal(beams_graphed, beams_eager)
+
+
+def test_state_tuning_gradients_on_gpu_match_cpu(model):
+    import peft_state_tuning  # noqa: F401
+    from peft import get_peft_model
+
+    from peft_state_tuning import StateTuningConfig
+
+    ids = torch.randint(0, 1000, (2, 200), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for device in ("cpu", "cuda"):
+        peft_model = get_peft_model(copy.deepcopy(model).to(device), StateTuningConfig())
+        with torch.no_grad():
+            for p in peft_model.base_model.adapter_states["default"].wkv.values():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        peft_model.train()
+        peft_model(ids.to(device), labels=ids.to(device)).loss.backward()
+        grads[device] = [p.grad.cpu() for p in peft_model.parameters() if p.requires_grad]
+    for a, b in zip(grads["cpu"], grads["cuda"]):
+        assert (a - b).norm() / a.norm() < 5e-3
