@@ -268,7 +268,7 @@ def convert_rwkv_checkpoint(
     config = config_from_official(official)
     state_dict = official_to_hf(official, config)
     state_dict = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state_dict.items()}
-    config.torch_dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    config.dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
 
     def write(tmp: Path) -> None:
         save_file(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
