@@ -11,7 +11,7 @@ import traceback
 
 import torch
 
-from common import device_info, random_model_0_1b, timed, write_results
+from common import device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results
 
 PROMPT, NEW = 16, 128
 
@@ -37,13 +37,15 @@ def greedy_matches_full_forward(model) -> bool:
 
 
 def main() -> None:
-    results = {"device": device_info(), "prompt": PROMPT, "new_tokens": NEW, "runs": {}}
+    restrict_fla_autotune()
+    results = {"device": device_info(), "prompt": PROMPT, "new_tokens": NEW, "fla_autotune": "reduced", "runs": {}}
     ours, _ = random_model_0_1b()
     ours.eval()
     results["ours_greedy_equals_full_forward"] = greedy_matches_full_forward(ours)
     for batch in (1, 32):
         results["runs"][f"ours_b{batch}"] = {"tokens_per_s": tokens_per_s(ours, batch)}
         print(f"ours b{batch}", results["runs"][f"ours_b{batch}"], flush=True)
+        write_results("bench_generate", results)
     del ours
     try:
         from fla.models import RWKV7Config, RWKV7ForCausalLM

@@ -13,7 +13,7 @@ import traceback
 import torch
 
 import peft_state_tuning  # noqa: F401
-from common import RESULTS, device_info, random_model_0_1b, timed, write_results
+from common import RESULTS, device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results
 from peft import LoraConfig, get_peft_model
 from peft_state_tuning import StateTuningConfig
 
@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
     args = parser.parse_args()
-    results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "runs": {}}
+    restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
+    results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
     runs = {
         "ours_state_tuning": lambda: ours(args.batch, args.seq, checkpointing=False),
         "ours_state_tuning_ckpt": lambda: ours(args.batch, args.seq, checkpointing=True),
@@ -118,6 +119,7 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - recorded, the other runs go on
             results["runs"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
+        write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
     peer = results["runs"].get("fla_state_tuning", {})
     for name, r in results["runs"].items():
         if "tokens_per_s" in r and "tokens_per_s" in peer:

@@ -58,3 +58,17 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def restrict_fla_autotune():
+    """Shrink fla's Triton autotuning spaces to num_warps {4, 8} x num_stages {2, 3} (compiling its full
+    spaces took over 6 minutes on the device). Must run before fla is imported; recorded in the json."""
+    import triton
+
+    original = triton.autotune
+
+    def autotune(configs, *args, **kwargs):
+        kept = [c for c in configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)] or configs[:4]
+        return original(kept, *args, **kwargs)
+
+    triton.autotune = autotune

@@ -1,0 +1,594 @@
+"""WKV-7 in Triton: chunked forward, chunked backward (with the gradient of the initial state), decode.
+
+Semantics are those of :func:`rwkv7_kernels.reference.wkv7_reference` (flash-linear-attention layout:
+the state ``h`` of a head is ``[K, V]``, ``w`` is the *log* decay, no scale)::
+
+    u_t = h_{t-1}^T a_t ;  h_t = diag(e^{w_t}) h_{t-1} + b_t u_t^T + k_t v_t^T ;  o_t = h_t^T r_t
+
+Algorithm (see docs/kernels.md). Tokens are cut into chunks of ``BT`` (16, 32 or 64). Inside a chunk
+that starts from state ``h0`` let ``g`` be the inclusive cumulative log decay and ``gp = g - w`` the
+exclusive one (per key channel). With the "gated" tiles ``rg = r e^g``, ``kn = k e^-g``, ``bn = b e^-g``,
+``ag = a e^gp`` (all [BT, K])::
+
+    A_rk = causal(rg kn^T)   A_rb = causal(rg bn^T)   A_ak = strict(ag kn^T)   A_ab = strict(ag bn^T)
+    T    = (I - A_ab)^-1                                 # unit lower triangular
+    u    = T (A_ak v + ag h0)                            # row i is u_i = h_{i-1}^T a_i
+    o    = A_rk v + A_rb u + rg h0
+    h_end = e^{g_last} h0 + kt^T v + bt^T u              # kt = k e^{g_last - g}, bt likewise
+
+so all intra-chunk work is matrix products (``tl.dot``) and only the [K, V] state is carried from chunk to
+chunk. Every column of the state evolves independently (``u`` and the update act column-wise), which
+is why the serial kernels split V into blocks of ``BV`` columns, one program each.
+
+Kernels:
+
+* ``_fwd_kernel`` (serial over chunks, one program per (V-block, sequence, head)): ``o``, the final
+  state, and (when a backward will follow) the state at the start of every chunk, in fp32.
+* ``_bwd_state_kernel`` (serial, reverse order): the gradient of the state at the end of every chunk,
+  and ``dh0``. It needs only ``r, w, a, b, do``.
+* ``_bwd_grad_kernel`` (parallel: one program per (chunk, head)): with the chunk's start state and
+  end-state gradient known, recomputes the chunk and forms every input gradient. It holds all of V,
+  so the gradients of the K-side inputs (sums over V) need no cross-program reduction.
+* ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
+  in place.
+
+Numerics: every product accumulates in fp32 and every intermediate is fp32; the states (stored chunk
+states too) are fp32. For bf16/fp16 inputs the products use TF32 tensor cores (10-bit mantissa, finer
+than the inputs' own rounding); for fp32 inputs they are full-precision ("ieee").
+
+Decay floor and chunk size: the factors ``e^{+-g}`` are formed separately, so one chunk's cumulative
+log decay must stay far inside fp32's range (|g| < 88). RWKV-7 keeps ``w >= -0.6065306597`` (decay
+``>= 0.5452``), so a chunk of 64 spans at most ``e^{38.8}``. We allow ``|min w| * BT <= 60``
+(:data:`MAX_LOG_SPAN`); for steeper decays the chunk is shortened (64 -> 32 -> 16) and below
+``w = -3.75`` a ``ValueError`` is raised (:func:`_pick_chunk_size`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["wkv7_triton", "wkv7_decode_triton", "MAX_LOG_SPAN", "RWKV7_DECAY_FLOOR"]
+
+#: RWKV-7's floor on the log decay: ``w = -e^{-0.5} * sigmoid(d)``.
+RWKV7_DECAY_FLOOR = -0.6065306597126334
+#: Largest natural-log span a chunk's cumulative decay may reach (fp32 overflows near 88.7; we keep
+#: a wide margin so that products of a large and a small factor keep their precision).
+MAX_LOG_SPAN = 60.0
+_CHUNK_SIZES = (64, 32, 16)  # tl.dot needs every dimension >= 16
+DEFAULT_CHUNK = int(os.environ.get("RWKV7_WKV_CHUNK", "32"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptr, tok0, n_valid, i_h, H: tl.constexpr, D: tl.constexpr, col0, BT: tl.constexpr, BD: tl.constexpr):
+    """[BT, BD] fp32 tile of tokens ``tok0 ..`` (rows >= n_valid read as 0), head ``i_h``, columns ``col0 ..``.
+
+    Inputs are [tokens, H, D] contiguous. Padded rows read 0, which for ``w`` means decay 1: a padded
+    token leaves the state unchanged and contributes nothing.
+    """
+    rows = tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    offs = ((tok0 + rows).to(tl.int64)[:, None] * H + i_h) * D + cols[None, :]
+    return tl.load(ptr + offs, mask=(rows < n_valid)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, x, tok0, n_valid, i_h, H: tl.constexpr, D: tl.constexpr, col0, BT: tl.constexpr, BD: tl.constexpr):
+    """Store a [BT, BD] tile (cast to the pointer's dtype); rows >= n_valid are skipped."""
+    rows = tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    offs = ((tok0 + rows).to(tl.int64)[:, None] * H + i_h) * D + cols[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(rows < n_valid)[:, None])
+
+
+@triton.jit
+def _state_offsets(K: tl.constexpr, V: tl.constexpr, col0, BV: tl.constexpr):
+    """Offsets of columns ``col0 .. col0+BV`` inside one row-major [K, V] state."""
+    return tl.arange(0, K)[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
+
+
+@triton.jit
+def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
+    """First token and one-past-last token of sequence ``i_n`` in the flattened token axis."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
+    """``(I - A)^-1`` for strictly lower-triangular ``A`` [BT, BT].
+
+    ``A`` is nilpotent (``A^BT = 0``), so ``(I - A)^-1 = sum_j A^j = (I + A)(I + A^2)(I + A^4)...``
+    with ``log2(BT)`` factors: exact, and only ``2 (log2(BT) - 1)`` small tensor-core products instead
+    of a BT-step substitution with a cross-thread reduction at every step.
+    """
+    rows = tl.arange(0, BT)
+    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + A
+    power = A
+    for _ in tl.static_range(LOG2_BT - 1):
+        power = tl.dot(power, power, input_precision=PREC)
+        inv = inv + tl.dot(inv, power, input_precision=PREC)
+    return inv
+
+
+@triton.jit
+def _chunk_gates(w):
+    """Inclusive (g) and exclusive (gp) cumulative log decays of a [BT, K] chunk, and g at its end."""
+    g = tl.cumsum(w, axis=0)
+    return g, g - w, tl.sum(w, axis=0)
+
+
+@triton.jit
+def _masked_dot_t(x, y, STRICT: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
+    """``x y^T`` restricted to j <= i (or j < i when STRICT): one intra-chunk interaction matrix."""
+    rows = tl.arange(0, BT)
+    if STRICT:
+        keep = rows[:, None] > rows[None, :]
+    else:
+        keep = rows[:, None] >= rows[None, :]
+    return tl.where(keep, tl.dot(x, tl.trans(y), input_precision=PREC), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    r, w, k, v, a, b, o, h0, ht, states, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    LOG2_BT: tl.constexpr, HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr,
+    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = V-columns ``[i_v*BV, (i_v+1)*BV)`` of the state of one (sequence, head); serial over chunks."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    if IS_VARLEN:
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    col0 = i_v * BV
+    soffs = _state_offsets(K, V, col0, BV)
+
+    if HAS_H0:
+        if H0_BCAST:  # one [1, H, K, V] state shared by every sequence
+            h = tl.load(h0 + i_h * (K * V) + soffs)
+        else:
+            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
+    else:
+        h = tl.zeros([K, BV], dtype=tl.float32)
+
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + c * BT
+        nv = eos - t0
+        if STORE_STATES:  # the backward restarts each chunk from here
+            tl.store(states + ((first_chunk + c) * H + i_h) * (K * V) + soffs, h)
+        r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
+        w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+        k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
+        a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
+        b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
+        v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
+
+        g, gp, g_last = _chunk_gates(w_c)
+        rg = r_c * tl.exp(g)
+        kn = k_c * tl.exp(-g)
+        bn = b_c * tl.exp(-g)
+        ag = a_c * tl.exp(gp)
+        A_rk = _masked_dot_t(rg, kn, False, BT, PREC)
+        A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
+        A_ak = _masked_dot_t(ag, kn, True, BT, PREC)
+        A_ab = _masked_dot_t(ag, bn, True, BT, PREC)
+        inv = _unit_lower_inverse(A_ab, BT, LOG2_BT, PREC)
+
+        x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h, input_precision=PREC)
+        u = tl.dot(inv, x, input_precision=PREC)  # [BT, BV]: u_i = h_{i-1}^T a_i
+        o_c = tl.dot(A_rk, v_c, input_precision=PREC) + tl.dot(A_rb, u, input_precision=PREC)
+        o_c += tl.dot(rg, h, input_precision=PREC)
+        _store_tile(o, o_c, t0, nv, i_h, H, V, col0, BT, BV)
+
+        tail = tl.exp(g_last[None, :] - g)  # decay from token i (exclusive) to the chunk end
+        h = tl.exp(g_last)[:, None] * h
+        h += tl.dot(tl.trans(k_c * tail), v_c, input_precision=PREC)
+        h += tl.dot(tl.trans(b_c * tail), u, input_precision=PREC)
+
+    if STORE_FINAL:
+        tl.store(ht + i_nh.to(tl.int64) * (K * V) + soffs, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_state_kernel(
+    r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    LOG2_BT: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Serial, last chunk first: store dL/d(state at the end of each chunk); finally write dh0.
+
+    Per chunk (dh = gradient of the end state, do = gradient of the chunk's outputs)::
+
+        du = A_rb^T do + bt dh ;  dx = T^T du ;  dh <- e^{g_last} dh + rg^T do + ag^T dx
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    if IS_VARLEN:
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    col0 = i_v * BV
+    soffs = _state_offsets(K, V, col0, BV)
+
+    if HAS_DHT:
+        dh = tl.load(dht + i_nh.to(tl.int64) * (K * V) + soffs)
+    else:
+        dh = tl.zeros([K, BV], dtype=tl.float32)
+
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t0 = bos + c * BT
+        nv = eos - t0
+        tl.store(dstates + ((first_chunk + c) * H + i_h) * (K * V) + soffs, dh)
+        r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
+        w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+        a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
+        b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
+        do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
+
+        g, gp, g_last = _chunk_gates(w_c)
+        rg = r_c * tl.exp(g)
+        bn = b_c * tl.exp(-g)
+        ag = a_c * tl.exp(gp)
+        A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+
+        bt = b_c * tl.exp(g_last[None, :] - g)
+        du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dh, input_precision=PREC)
+        dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
+        dh = tl.exp(g_last)[:, None] * dh
+        dh += tl.dot(tl.trans(rg), do_c, input_precision=PREC)
+        dh += tl.dot(tl.trans(ag), dx, input_precision=PREC)
+
+    tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
+
+
+@triton.jit
+def _bwd_grad_kernel(
+    r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = one chunk of one head. Recompute the chunk from its stored start state, then form
+    every input gradient from ``do`` and the stored gradient of its end state.
+
+    The gradients are first taken with respect to the gated tiles (rg, kn, bn, ag, kt, bt) and the
+    interaction matrices, then chained to r, k, a, b and to the cumulative decays; for a gated tile
+    ``p = x e^{s g}``: ``dx = dp e^{s g}`` and ``dg = s (dp * p)``. ``dw`` is the reverse cumulative
+    sum of ``dg`` plus the chunk-end terms.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        c = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        n_per_seq = tl.cdiv(T, BT)
+        i_n = i_c // n_per_seq
+        c = i_c % n_per_seq
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    t0 = bos + c * BT
+    nv = eos - t0
+    rows = tl.arange(0, BT)
+    causal = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+
+    r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
+    w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+    k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
+    a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
+    b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
+    g, gp, g_last = _chunk_gates(w_c)
+    e_neg = tl.exp(-g)
+    tail = tl.exp(g_last[None, :] - g)
+    rg = r_c * tl.exp(g)
+    kn = k_c * e_neg
+    bn = b_c * e_neg
+    ag = a_c * tl.exp(gp)
+    kt = k_c * tail
+    bt = b_c * tail
+    A_rk = _masked_dot_t(rg, kn, False, BT, PREC)
+    A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
+    A_ak = _masked_dot_t(ag, kn, True, BT, PREC)
+    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+
+    dA_rk = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_rb = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_ak = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_ab = tl.zeros([BT, BT], dtype=tl.float32)
+    drg = tl.zeros([BT, K], dtype=tl.float32)
+    dag = tl.zeros([BT, K], dtype=tl.float32)
+    dkt = tl.zeros([BT, K], dtype=tl.float32)
+    dbt = tl.zeros([BT, K], dtype=tl.float32)
+    d_end = tl.zeros([K], dtype=tl.float32)  # sum over V of dh_end * h0: gradient of e^{g_last}
+
+    sbase = (i_c.to(tl.int64) * H + i_h) * (K * V)
+    for i_v in range(0, V // BV):
+        col0 = i_v * BV
+        soffs = _state_offsets(K, V, col0, BV)
+        h0 = tl.load(states + sbase + soffs)
+        dhe = tl.load(dstates + sbase + soffs)
+        v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
+        do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
+
+        x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h0, input_precision=PREC)
+        u = tl.dot(inv, x, input_precision=PREC)
+        du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dhe, input_precision=PREC)
+        dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
+        dv_c = tl.dot(tl.trans(A_rk), do_c, input_precision=PREC) + tl.dot(tl.trans(A_ak), dx, input_precision=PREC)
+        dv_c += tl.dot(kt, dhe, input_precision=PREC)
+        _store_tile(dv, dv_c, t0, nv, i_h, H, V, col0, BT, BV)
+
+        dA_rk += tl.dot(do_c, tl.trans(v_c), input_precision=PREC)
+        dA_rb += tl.dot(do_c, tl.trans(u), input_precision=PREC)
+        dA_ak += tl.dot(dx, tl.trans(v_c), input_precision=PREC)
+        dA_ab += tl.dot(dx, tl.trans(u), input_precision=PREC)  # d(I-A)^-1 folded in: dA = T^T du x^T T^T
+        drg += tl.dot(do_c, tl.trans(h0), input_precision=PREC)
+        dag += tl.dot(dx, tl.trans(h0), input_precision=PREC)
+        dkt += tl.dot(v_c, tl.trans(dhe), input_precision=PREC)
+        dbt += tl.dot(u, tl.trans(dhe), input_precision=PREC)
+        d_end += tl.sum(dhe * h0, axis=1)
+
+    dA_rk = tl.where(causal, dA_rk, 0.0)
+    dA_rb = tl.where(causal, dA_rb, 0.0)
+    dA_ak = tl.where(strict, dA_ak, 0.0)
+    dA_ab = tl.where(strict, dA_ab, 0.0)
+    drg += tl.dot(dA_rk, kn, input_precision=PREC) + tl.dot(dA_rb, bn, input_precision=PREC)
+    dag += tl.dot(dA_ak, kn, input_precision=PREC) + tl.dot(dA_ab, bn, input_precision=PREC)
+    dkn = tl.dot(tl.trans(dA_rk), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ak), ag, input_precision=PREC)
+    dbn = tl.dot(tl.trans(dA_rb), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ab), ag, input_precision=PREC)
+
+    _store_tile(dr, drg * tl.exp(g), t0, nv, i_h, H, K, 0, BT, K)
+    _store_tile(dk, dkn * e_neg + dkt * tail, t0, nv, i_h, H, K, 0, BT, K)
+    _store_tile(db, dbn * e_neg + dbt * tail, t0, nv, i_h, H, K, 0, BT, K)
+    _store_tile(da, dag * tl.exp(gp), t0, nv, i_h, H, K, 0, BT, K)
+
+    # Gradients with respect to g_i (inclusive), gp_i (exclusive) and g_last, then to each w_s:
+    # dw_s = sum_{i >= s} dg_i + sum_{i > s} dgp_i + dg_last.
+    tail_terms = dkt * kt + dbt * bt
+    dg = drg * rg - dkn * kn - dbn * bn - tail_terms
+    dgp = dag * ag
+    dg_last = tl.sum(tail_terms, axis=0) + d_end * tl.exp(g_last)
+    both = dg + dgp
+    rev_cumsum = tl.sum(both, axis=0)[None, :] - tl.cumsum(both, axis=0) + both
+    _store_tile(dw, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, 0, BT, K)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    r, w, k, v, a, b, o, state, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+):
+    """Token-by-token recurrence on V-columns ``[i_v*BV, ..)`` of one (batch, head) state, in place."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    kk = tl.arange(0, K)
+    vv = i_v * BV + tl.arange(0, BV)
+    sptr = state + i_nh.to(tl.int64) * (K * V) + kk[:, None] * V + vv[None, :]
+    h = tl.load(sptr)
+    for t in range(0, T):
+        row = (i_n.to(tl.int64) * T + t) * H + i_h
+        r_t = tl.load(r + row * K + kk).to(tl.float32)
+        w_t = tl.load(w + row * K + kk).to(tl.float32)
+        k_t = tl.load(k + row * K + kk).to(tl.float32)
+        a_t = tl.load(a + row * K + kk).to(tl.float32)
+        b_t = tl.load(b + row * K + kk).to(tl.float32)
+        v_t = tl.load(v + row * V + vv).to(tl.float32)
+        u = tl.sum(h * a_t[:, None], axis=0)  # uses the state before this token
+        h = tl.exp(w_t)[:, None] * h + b_t[:, None] * u[None, :] + k_t[:, None] * v_t[None, :]
+        o_t = tl.sum(h * r_t[:, None], axis=0)
+        tl.store(o + row * V + vv, o_t.to(o.dtype.element_ty))
+    tl.store(sptr, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _pick_chunk_size(w: torch.Tensor, preferred: int) -> int:
+    """Largest allowed chunk <= ``preferred`` whose cumulative decay stays within ``MAX_LOG_SPAN``.
+
+    Reads ``w.min()`` (one device sync). Set ``RWKV7_WKV_TRUST_DECAY=1`` to skip the check when the
+    inputs are known to respect RWKV-7's floor (then ``preferred`` is used as is).
+    """
+    if os.environ.get("RWKV7_WKV_TRUST_DECAY") == "1" or w.numel() == 0:
+        return preferred
+    steepest = -float(w.detach().min())
+    for bt in _CHUNK_SIZES:
+        if bt <= preferred and steepest * bt <= MAX_LOG_SPAN:
+            return bt
+    raise ValueError(
+        f"wkv7_triton: log decay w = {-steepest:.3f} is too steep for the chunked kernel (needs "
+        f"w >= {-MAX_LOG_SPAN / _CHUNK_SIZES[-1]:.3f}; RWKV-7 keeps w >= {RWKV7_DECAY_FLOOR:.4f}). "
+        "Use the reference or torch backend for such inputs."
+    )
+
+
+def _block_v(V: int) -> int:
+    """V-columns per program in the serial kernels: more programs for small batches, but >= 16 for tl.dot."""
+    return min(V, int(os.environ.get("RWKV7_WKV_BV", "16")))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _warps(BT: int, K: int) -> int:
+    return 4 if BT * K <= 2048 else 8
+
+
+def _stages(BT: int, K: int) -> int:
+    """Software-pipelining depth of the chunk loops: each stage buffers a chunk's tiles in shared memory."""
+    return 2 if BT * K <= 2048 else 1
+
+
+def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Chunk offset of each sequence, (sequence, chunk) of each global chunk, and the chunk count."""
+    bounds = cu_seqlens.tolist()  # one sync per forward; the backward reuses the tables
+    offsets, pairs = [], []
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        offsets.append(len(pairs))
+        pairs.extend((n, c) for c in range(math.ceil((e - s) / BT)))
+    offs = torch.tensor(offsets, dtype=torch.int32, device=device)
+    idx = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=device).view(-1, 2)
+    return offs, idx, len(pairs)
+
+
+class _WKV7Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size):
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        dtype = r.dtype
+        r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        # fp32 inputs use full-precision ("ieee") products, whose operand staging needs more shared
+        # memory than an H100 has at BT = 64 (measured: 240 KB > 227 KB), so they stop at 32.
+        BT = _pick_chunk_size(w, min(chunk_size, 32) if dtype == torch.float32 else chunk_size)
+        BV = _block_v(V)
+        varlen = cu_seqlens is not None
+        if varlen:
+            cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
+            n_seq, seq_T = cu_seqlens.numel() - 1, 0
+            chunk_offsets, chunk_indices, n_chunks = _varlen_tables(cu_seqlens, BT, r.device)
+        else:
+            n_seq, seq_T = B, T
+            n_chunks = B * math.ceil(T / BT)
+            chunk_offsets = chunk_indices = None
+        need_grad = any(ctx.needs_input_grad[:7])
+        h0_f = None if h0 is None else h0.to(torch.float32).contiguous()
+        o = torch.empty(B, T, H, V, dtype=dtype, device=r.device)
+        ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device) if output_final_state else None
+        states = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device) if need_grad else None
+        _fwd_kernel[(V // BV, n_seq * H)](
+            r, w, k, v, a, b, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T,
+            H=H, K=K, V=V, BT=BT, BV=BV, LOG2_BT=int(math.log2(BT)),
+            HAS_H0=h0 is not None, H0_BCAST=h0 is not None and h0.shape[0] == 1 and n_seq > 1,
+            STORE_FINAL=output_final_state, STORE_STATES=need_grad, IS_VARLEN=varlen,
+            PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+        )
+        if need_grad:
+            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices)
+            ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices = ctx.saved_tensors
+        BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        varlen = cu_seqlens is not None
+        prec = _dot_precision(r.dtype)
+        do = do.contiguous()
+        dht = None if dht is None else dht.to(torch.float32).contiguous()
+        dstates = torch.empty_like(states)
+        dh0 = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device)
+        _bwd_state_kernel[(V // BV, n_seq * H)](
+            r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T,
+            H=H, K=K, V=V, BT=BT, BV=BV, LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None,
+            IS_VARLEN=varlen, PREC=prec, num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+        )
+        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
+        if n_chunks:
+            _bwd_grad_kernel[(n_chunks, H)](
+                r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
+                H=H, K=K, V=V, BT=BT, BV=min(V, 64), LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+            )
+        dh0_out = None
+        if has_h0:
+            shape, dtype = h0_info
+            dh0_out = (dh0.sum(0, keepdim=True) if shape[0] == 1 and n_seq > 1 else dh0).to(dtype)
+        return dr, dw, dk, dv, da, db, dh0_out, None, None, None
+
+
+def _check(r, v, initial_state) -> None:
+    K, V = r.shape[-1], v.shape[-1]
+    for name, n in (("K", K), ("V", V)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"wkv7_triton: head size {name}={n} must be a power of two >= 16")
+    if r.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"wkv7_triton: unsupported dtype {r.dtype}")
+
+
+def wkv7_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked WKV-7 with autograd (gradients of r, w, k, v, a, b and ``initial_state``).
+
+    Same contract as :func:`rwkv7_kernels.wkv7`: inputs ``[B, T, H, N]`` (bf16, fp16 or fp32; all of
+    the same dtype), ``initial_state`` ``[B, H, K, V]`` (or ``[1, H, K, V]``, broadcast over the batch,
+    its gradient summed) fp32, ``cu_seqlens`` ``[N+1]`` for packed sequences (then ``B == 1`` and one
+    initial state per sequence). Returns ``o`` in the input dtype and the fp32 final state (or None).
+    ``chunk_size`` (16, 32 or 64) overrides the default; it is shortened for steep decays.
+    """
+    _check(r, v, initial_state)
+    # Each tensor keeps its own dtype (the kernels upcast on load): an fp32 log decay next to bf16
+    # activations is not rounded to bf16. Gradients come back in each input's dtype.
+    o, ht = _WKV7Function.apply(
+        r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK
+    )
+    return o, ht
+
+
+@torch.no_grad()
+def wkv7_decode_triton(r, w, k, v, a, b, state: torch.Tensor) -> torch.Tensor:
+    """Recurrent WKV-7 for a few tokens (T = 1 in decoding); no autograd.
+
+    ``r, w, k, a, b``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; ``state``: ``[B, H, K, V]`` fp32
+    contiguous, **updated in place** to the state after the last token. Returns ``o`` ``[B, T, H, V]``
+    in the dtype of ``r``.
+    """
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (B, H, K, V):
+        raise ValueError(f"wkv7_decode_triton: state must be a contiguous fp32 [{B}, {H}, {K}, {V}] tensor")
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    o = torch.empty(B, T, H, V, dtype=r.dtype, device=r.device)
+    BV = min(V, 32)
+    _decode_kernel[(triton.cdiv(V, BV), B * H)](r, w, k, v, a, b, o, state, T, H=H, K=K, V=V, BV=BV, num_warps=2 if K <= 64 else 4)
+    return o

@@ -1,0 +1,138 @@
+"""Triton WKV-7 kernels against the sequential reference, on CPU through Triton's interpreter.
+
+Every case compares the output, the final state and every gradient (r, w, k, v, a, b and the initial
+state), with a gradient flowing into the final state too, by relative norm error.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (see conftest.py)
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from rwkv7_kernels import wkv7  # noqa: E402
+from rwkv7_kernels.reference import wkv7_reference  # noqa: E402
+from rwkv7_kernels.triton_wkv7 import wkv7_decode_triton, wkv7_triton  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs a GPU or TRITON_INTERPRET=1 set before triton is imported",
+)
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+NAMES = ["o", "final_state", "dr", "dw", "dk", "dv", "da", "db", "dh0"]
+
+
+def rwkv_inputs(B, T, H, N, dtype, seed=0):
+    """Inputs shaped like a real RWKV-7 layer's: log decay in [-0.6065, 0), a = -kk, b = kk * iclr."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w = -0.6065306597 * torch.sigmoid(rnd(B, T, H, N) * 2)
+    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    iclr = torch.sigmoid(rnd(B, T, H, N))
+    xs = (rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr)
+    return [x.to(device=DEVICE, dtype=dtype) for x in xs]
+
+
+def rel(x, y):
+    x, y = x.detach().double(), y.detach().double()
+    return float((x - y).norm() / y.norm().clamp_min(1e-30))
+
+
+def run_with_grads(fn, xs, h0, seed=1, **kw):
+    """o, final state and the gradients of a loss that reads both o and the final state."""
+    ins = [x.clone().requires_grad_() for x in xs]
+    hh = None if h0 is None else h0.clone().requires_grad_()
+    o, ht = fn(*ins, initial_state=hh, output_final_state=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=g).to(DEVICE)
+    dht = torch.randn(ht.shape, generator=g).to(DEVICE)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    grads = [x.grad for x in ins] + ([] if h0 is None else [hh.grad])
+    return [o, ht] + grads
+
+
+def assert_close_all(ours, ref, dtype):
+    errs = {n: rel(x, y) for n, x, y in zip(NAMES, ours, ref)}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+
+
+CASES = [
+    # (B, T, H, N, chunk, initial state: None | "full" | "bcast")
+    pytest.param(2, 45, 2, 16, 16, "full", id="N16-T45-bt16-h0"),
+    pytest.param(1, 70, 1, 64, 32, None, id="N64-T70-bt32-noh0"),
+    pytest.param(3, 37, 2, 32, 16, "bcast", id="N32-T37-bt16-bcast"),
+    pytest.param(1, 80, 1, 32, 64, "full", id="N32-T80-bt64-h0"),
+    pytest.param(1, 40, 1, 128, 32, "full", id="N128-T40-bt32-h0"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,N,chunk,h0_kind", CASES)
+def test_matches_reference(B, T, H, N, chunk, h0_kind, dtype):
+    xs = rwkv_inputs(B, T, H, N, dtype)
+    h0 = None
+    if h0_kind:
+        h0 = torch.randn(B if h0_kind == "full" else 1, H, N, N, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ours = run_with_grads(wkv7_triton, xs, h0, chunk_size=chunk)
+    ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, h0)
+    assert ours[0].dtype == dtype and ours[1].dtype == torch.float32
+    if h0_kind == "bcast":
+        assert ours[-1].shape == (1, H, N, N)
+    assert_close_all(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varlen_matches_reference(dtype):
+    xs = rwkv_inputs(1, 90, 2, 32, dtype, seed=3)
+    cu = torch.tensor([0, 20, 21, 64, 90], dtype=torch.int32, device=DEVICE)  # includes a 1-token sequence
+    h0 = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    ours = run_with_grads(wkv7_triton, xs, h0, cu_seqlens=cu, chunk_size=16)
+    ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, h0, cu_seqlens=cu)
+    assert_close_all(ours, ref, dtype)
+
+
+def test_forward_only_and_dispatch():
+    """No grad, no final state, through the public entry point."""
+    xs = rwkv_inputs(2, 33, 2, 16, torch.float32, seed=5)
+    o, ht = wkv7(*xs, backend="triton")
+    o_ref, _ = wkv7_reference(*xs)
+    assert ht is None and rel(o, o_ref) < 1e-4
+
+
+def test_fp32_decay_with_bf16_activations():
+    """A log decay kept in fp32 next to bf16 activations is used as is, and its gradient is fp32."""
+    xs = rwkv_inputs(1, 40, 2, 16, torch.bfloat16, seed=9)
+    xs[1] = xs[1].float()
+    ours = run_with_grads(wkv7_triton, xs, None, chunk_size=16)
+    ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, None)
+    assert ours[3].dtype == torch.float32 and ours[0].dtype == torch.bfloat16
+    assert_close_all(ours, ref, torch.bfloat16)
+
+
+def test_steep_decay_shortens_chunk_or_raises():
+    xs = rwkv_inputs(1, 40, 1, 16, torch.float32, seed=6)
+    xs[1] = xs[1] * 4  # w down to -2.4: a chunk of 32 would span e^77, so 16 is used
+    o, ht = wkv7_triton(*xs, output_final_state=True, chunk_size=32)
+    o_ref, ht_ref = wkv7_reference(*xs, output_final_state=True)
+    assert rel(o, o_ref) < 1e-4 and rel(ht, ht_ref) < 1e-4
+    xs[1] = xs[1] * 3  # w down to -7: no chunk is safe
+    with pytest.raises(ValueError, match="too steep"):
+        wkv7_triton(*xs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_matches_reference(dtype):
+    B, T, H, N = 2, 5, 3, 32
+    xs = rwkv_inputs(B, T, H, N, dtype, seed=7)
+    h0 = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    o_ref, ht_ref = wkv7_reference(*(x.float() for x in xs), initial_state=h0, output_final_state=True)
+    state = h0.clone()
+    outs = [wkv7_decode_triton(*(x[:, t : t + 1] for x in xs[:]), state) for t in range(3)]  # T = 1 steps
+    outs.append(wkv7_decode_triton(*(x[:, 3:] for x in xs), state))  # then 2 tokens at once
+    o = torch.cat(outs, dim=1)
+    assert o.dtype == dtype
+    assert rel(o, o_ref) < TOL[dtype] and rel(state, ht_ref) < 1e-4  # the state stays fp32
