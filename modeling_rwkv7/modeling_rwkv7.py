@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput, logging
@@ -31,10 +34,14 @@ from rwkv7_kernels import wkv7
 
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State
 from .configuration_rwkv7 import Rwkv7Config
-from .convert import is_fla_folder, load_fla_folder
+from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
 from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
+
+# Captured decoding steps per model (see graph_decode.py). Kept outside the module so that copying
+# or pickling a model never touches CUDA graphs.
+_DECODE_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 # w = exp(-e^{-0.5} * sigmoid(d)) keeps every decay in (0.545, 1); we pass its log to the kernel.
 DECAY_SCALE = math.exp(-0.5)  # 0.6065306597126334
@@ -66,6 +73,16 @@ def last_real_token(x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tens
     picked = x[torch.arange(B, device=x.device), last.clamp(min=0)]
     prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype).expand(B, C)
     return torch.where((last >= 0)[:, None], picked, prev)
+
+
+def _readable_safetensors(path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+        return os.path.getsize(path) > 8
+    except Exception:  # noqa: BLE001 - any failure means the file is bad
+        return False
 
 
 def _fit_batch(state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -130,6 +147,10 @@ def chunked_causal_lm_loss(
 
 class Rwkv7TimeMix(nn.Module):
     """The RWKV-7 time mix ("attention"): token shift, six lerps, LoRAs, WKV, GroupNorm, bonus, gate."""
+
+    # Optional callable ``(module, r, log_w, kk, iclr, mask, output_final_state) -> [B, T, H, N] | None``
+    # whose result is added to the WKV output (peft_state_tuning's upscaled states). None: no extension.
+    wkv_extension = None
 
     def __init__(self, config: Rwkv7Config, layer_idx: int):
         super().__init__()
@@ -203,6 +224,10 @@ class Rwkv7TimeMix(nn.Module):
             initial_state=wkv_state,
             output_final_state=output_final_state,
         )
+        if self.wkv_extension is not None:
+            extra = self.wkv_extension(self, r_, log_w, kk, iclr_, mask, output_final_state)
+            if extra is not None:
+                o = o + extra.to(o.dtype)
         o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         o = o.view(B, T, C).to(x.dtype)
         bonus = (r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_
@@ -286,9 +311,16 @@ class Rwkv7PreTrainedModel(PreTrainedModel):
         """As :meth:`transformers.PreTrainedModel.from_pretrained`; also reads local folders in the
         flash-linear-attention hub format (``RWKV7ForCausalLM``) directly, no ``trust_remote_code``."""
         path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and is_fla_folder(path):
-            return cls._from_fla_folder(path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and is_fla_folder(path):
+                return cls._from_fla_folder(path, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as err:  # name the bad file and the fix, not a header-parsing error
+            bad = [str(f) for f in sorted(Path(path).glob("*.safetensors")) if not _readable_safetensors(f)] if os.path.isdir(path) else []
+            raise CheckpointFormatError(
+                f"{', '.join(bad) or path}: truncated or corrupt safetensors file ({err}). It was probably cut off by "
+                "an interrupted download, copy or conversion: download or convert the model again."
+            ) from err
 
     @classmethod
     def _from_fla_folder(cls, path, dtype=None):
@@ -401,6 +433,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape [batch, seq_len]; got {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}")
             capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host syncs then
             if input_ids.numel() and not capturing and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
                 raise ValueError(
@@ -409,6 +443,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 )
             inputs_embeds = self.emb(input_ids)
         B, T, _ = inputs_embeds.shape
+        if B == 0:
+            raise ValueError("The batch is empty (0 rows); pass at least one sequence.")
         if T == 0:
             raise ValueError("The input has zero tokens; pass at least one token per row.")
         mask = None
@@ -498,9 +534,7 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
         if return_dict is not False and can_use_graph(
             self, input_ids, cache, dict(kwargs, labels=labels, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
         ):
-            graph = self._decode_graphs.get(input_ids.shape[0])
-            if graph is None:
-                graph = self._decode_graphs[input_ids.shape[0]] = DecodeGraph(self, cache, input_ids.shape[0])
+            graph = self._decode_graph(cache, input_ids.shape[0])
             return Rwkv7CausalLMOutput(logits=graph.run(input_ids, cache), cache=cache)
         return self._eager_forward(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
@@ -508,12 +542,15 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
             return_dict=return_dict, logits_to_keep=logits_to_keep, **kwargs,
         )  # fmt: skip
 
-    @property
-    def _decode_graphs(self) -> dict:
-        # Captured decoding steps by batch size; kept outside nn.Module's registries (not state).
-        if "_graphs" not in self.__dict__:
-            self.__dict__["_graphs"] = {}
-        return self.__dict__["_graphs"]
+    def _decode_graph(self, cache: Rwkv7Cache, batch: int) -> DecodeGraph:
+        """The captured decoding step for this batch size; re-captured when the weights moved
+        (``.to()`` allocates new tensors, and a graph replays fixed addresses)."""
+        graphs = _DECODE_GRAPHS.setdefault(self, {})
+        key = (batch, self.head.weight.data_ptr(), self.model.emb.weight.data_ptr(), self.head.weight.dtype)
+        if key not in graphs:
+            graphs.clear()
+            graphs[key] = DecodeGraph(self, cache, batch)
+        return graphs[key]
 
     def _eager_forward(
         self,
