@@ -13,6 +13,7 @@ from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, convert_rwkv_checkpoint
 from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model, Rwkv7PreTrainedModel
 from .tokenization_rwkv7 import Rwkv7Tokenizer, get_world_tokenizer
+from .tokenization_rwkv7_bytes import Rwkv7ByteTokenizer  # registers the class name with AutoTokenizer
 
 AutoConfig.register("rwkv7", Rwkv7Config, exist_ok=True)
 AutoModel.register(Rwkv7Config, Rwkv7Model, exist_ok=True)
@@ -27,6 +28,7 @@ __all__ = [
     "Rwkv7Model",
     "Rwkv7PreTrainedModel",
     "Rwkv7State",
+    "Rwkv7ByteTokenizer",
     "Rwkv7Tokenizer",
     "convert_rwkv_checkpoint",
     "get_world_tokenizer",

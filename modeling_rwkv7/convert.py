@@ -210,8 +210,12 @@ def load_official_checkpoint(pth_path: str | os.PathLike) -> dict:
     try:
         state_dict = torch.load(pth_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        # torch's own message ends with advice to retry with weights_only=False: that is exactly
+        # what must not be done with an untrusted file, so quote only the line that names the cause.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise CheckpointFormatError(
-            f"could not load {pth_path} as a weights-only PyTorch checkpoint ({type(err).__name__}: {err}). "
+            f"could not load {pth_path} as a weights-only PyTorch checkpoint ({type(err).__name__}: {cause}). "
             "Only plain tensor state dicts are accepted; files that need pickled code are refused."
         ) from err
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -11,6 +11,7 @@ them for beams, and lets one batch mix adapters row by row (``adapter_names=[...
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from modeling_rwkv7 import Rwkv7PreTrainedModel, Rwkv7State
 from .config import StateTuningConfig
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
+# {id(tuner): adapter_names} of the forwards in progress in this thread / async context.
+_ROW_ADAPTERS: contextvars.ContextVar[dict] = contextvars.ContextVar("state_tuning_row_adapters", default={})
 
 
 def find_rwkv7_backbone(model: nn.Module):
@@ -46,15 +49,46 @@ class AdapterStates(nn.Module):
     """The trainable states of one adapter: ``wkv[str(layer)]`` ``[H, K, V]`` and, when token
     shifts are tuned, ``att_shift[str(layer)]`` / ``ffn_shift[str(layer)]`` ``[C]``; all fp32."""
 
-    def __init__(self, layers: list[int], num_heads: int, head_dim: int, hidden_size: int, tune_token_shift: bool, device=None):
+    def __init__(self, layers: list[int], num_heads: int, head_dim: int, hidden_size: int, tune_token_shift: bool, device=None,
+                 config: StateTuningConfig | None = None, model: nn.Module | None = None):  # fmt: skip
         super().__init__()
         zeros = lambda *shape: nn.Parameter(torch.zeros(*shape, dtype=torch.float32, device=device))  # noqa: E731
         self.layers = list(layers)
-        self.wkv = nn.ParameterDict({str(i): zeros(num_heads, head_dim, head_dim) for i in layers})
+        # Upscaled adapters (config.upscale_dim = M, see upscaling.py) train `wkv_up` [H, M, M] instead of `wkv`.
+        M = getattr(config, "upscale_dim", None)
+        self.upscale_mode = config.upscale_mode if M else None
+        self.wkv = nn.ParameterDict({} if M else {str(i): zeros(num_heads, head_dim, head_dim) for i in layers})
+        self.wkv_up = nn.ParameterDict({str(i): zeros(num_heads, M, M) for i in layers} if M else {})
+        self.upscale = None
+        if M:
+            from .upscaling import build_kernel_maps
+
+            self.upscale = build_kernel_maps(config, model, self.layers, device)
         self.att_shift = nn.ParameterDict({str(i): zeros(hidden_size) for i in layers} if tune_token_shift else {})
         self.ffn_shift = nn.ParameterDict({str(i): zeros(hidden_size) for i in layers} if tune_token_shift else {})
+        self.decor = None  # DBP decorrelation matrices (dbp.py), when config.decorrelation
+        if getattr(config, "decorrelation", False):
+            from .dbp import DecorMatrices
+
+            self.decor = DecorMatrices(self.layers, num_heads, M or head_dim, device)
+
+    def effective_up(self, layer: int) -> torch.Tensor:
+        """An upscaled state as the recurrence reads it: ``R^T S_up`` with DBP, else ``S_up``."""
+        S = self.wkv_up[str(layer)]
+        return S if self.decor is None else self.decor.apply(layer, S)
+
+    def effective_wkv(self, layer: int) -> torch.Tensor | None:
+        """The ``[H, N, N]`` initial WKV state this adapter gives the model for ``layer``."""
+        if self.upscale is not None:
+            if self.upscale_mode == "projection" and str(layer) in self.wkv_up:
+                return self.upscale[str(layer)].project_state(self.effective_up(layer))
+            return None  # recurrence mode: the state enters through Rwkv7TimeMix.wkv_extension
+        W = self.wkv[str(layer)] if str(layer) in self.wkv else None
+        return W if W is None or self.decor is None else self.decor.apply(layer, W)
 
     def get(self, kind: str, layer: int) -> torch.Tensor | None:
+        if kind == "wkv":
+            return self.effective_wkv(layer)
         entries = getattr(self, kind)
         return entries[str(layer)] if str(layer) in entries else None
 
@@ -86,8 +120,22 @@ class StateTuningModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        self._row_adapters: list[str] | None = None
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # `adapter_names` of the forward in progress. Kept per thread / async context (not on the
+    # instance), so concurrent forwards with different adapter_names never see each other's rows.
+    @property
+    def _row_adapters(self) -> list[str] | None:
+        return _ROW_ADAPTERS.get().get(id(self))
+
+    @_row_adapters.setter
+    def _row_adapters(self, rows: list[str] | None) -> None:
+        current = dict(_ROW_ADAPTERS.get())
+        if rows is None:
+            current.pop(id(self), None)
+        else:
+            current[id(self)] = rows
+        _ROW_ADAPTERS.set(current)
 
     # ---- creating adapters ------------------------------------------------------------------
 
@@ -103,7 +151,11 @@ class StateTuningModel(BaseTuner):
         if bad:
             raise ValueError(f"target_layers {bad} are out of range: the model has {cfg.num_hidden_layers} layers")
         device = next(model.parameters()).device
-        states = AdapterStates(layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size, config.tune_token_shift, device)
+        states = AdapterStates(layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size, config.tune_token_shift, device, config, model)
+        if states.upscale_mode == "recurrence":
+            from .upscaling import install_branch
+
+            install_branch(self, model)
         if not config.state_initialized:  # a saved adapter's weights replace any initialisation
             self._initialise(states, config, model)
             config.state_initialized = True
@@ -182,7 +234,11 @@ class StateTuningModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        return {k.replace("state_tuning.", f"state_tuning.adapters.{adapter_name}.", 1): v for k, v in state_dict.items()}
+        from .safe_save import check_adapter_tensors
+
+        remapped = {k.replace("state_tuning.", f"state_tuning.adapters.{adapter_name}.", 1): v for k, v in state_dict.items()}
+        check_adapter_tensors(model, adapter_name, remapped)  # NaN/Inf, shapes, missing or foreign states
+        return remapped
 
     @property
     def adapter_states(self) -> nn.ModuleDict:
@@ -236,12 +292,23 @@ class StateTuningModel(BaseTuner):
     def forward(self, *args, **kwargs):
         if kwargs.get("initial_state") is None:
             kwargs["initial_state"] = self.initial_state(self._batch_size(args, kwargs))
+        self._no_cache_for_upscaled(kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         if kwargs.get("initial_state") is None:
             kwargs["initial_state"] = self.initial_state(self._batch_size(args, kwargs))
+        self._no_cache_for_upscaled(kwargs)
         return self.model.generate(*args, **kwargs)
+
+    def _no_cache_for_upscaled(self, kwargs) -> None:
+        """A recurrence-mode upscaled state runs outside the cache (upscaling.py): decode without it.
+        Also puts its branches back into the base model if ``unload()`` took them out."""
+        from .upscaling import install_branch, uses_recurrence
+
+        if uses_recurrence(self):
+            install_branch(self, self.model)
+            kwargs.setdefault("use_cache", False)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -306,10 +373,14 @@ class StateTuningModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
         if merge:
             raise ValueError(self._merge_message())
-        return self.model
+        return self.unload()
 
     def unload(self) -> nn.Module:
-        """The base model, without the states (nothing was changed in it)."""
+        """The base model, without the states: its weights were never changed; the hooks of
+        recurrence-mode upscaled adapters are taken out (they come back on the next PEFT call)."""
+        from .upscaling import remove_branch
+
+        remove_branch(self.model)
         return self.model
 
     @staticmethod

@@ -40,7 +40,9 @@ def register() -> None:
     from .model import StateTuningModel
 
     from .hub import install as install_model_card
+    from .safe_save import install as install_safe_files
 
     if STATE_TUNING not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=NAME.lower(), config_cls=StateTuningConfig, model_cls=StateTuningModel, prefix="state_tuning")
     install_model_card()
+    install_safe_files()  # atomic save_pretrained, checked load_adapter (state-tuning adapters only)

@@ -8,6 +8,7 @@ They hold ``blocks.{i}.att.time_state`` of shape ``[H, N, N]`` per layer, in the
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def load_rwkv_state(
             raw = load_file(path)
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(
             f"could not read the RWKV state file {path} ({type(err).__name__}: {err}). Expected a weights-only "
             ".pth or a .safetensors file holding blocks.{{i}}.att.time_state tensors."
