@@ -8,11 +8,13 @@ benchmarks/results/bench_generate.json. Run on a GPU: python benchmarks/bench_ge
 from __future__ import annotations
 
 import copy
+import json
+import sys
 import traceback
 
 import torch
 
-from common import device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results
+from common import RESULTS, device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results
 
 PROMPT, NEW = 16, 128
 
@@ -39,7 +41,27 @@ def greedy_matches_full_forward(model) -> bool:
     return bool(torch.equal(argmax, gen[:, PROMPT:]))
 
 
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, batch in zip(axes, (1, 32)):
+        names = [n for n in (f"ours_b{batch}", f"fla_b{batch}") if "tokens_per_s" in results["runs"].get(n, {})]
+        ax.bar(names, [results["runs"][n]["tokens_per_s"] for n in names], color=["tab:blue", "tab:gray"][: len(names)])
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("generated tokens/s")
+    fig.suptitle(f"generate(), 0.1B shape, bf16, greedy, {results['device']['gpu']}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench_generate.png", dpi=100)
+
+
 def main() -> None:
+    if "--plot-only" in sys.argv:  # redraw from the saved JSON
+        plot(json.loads((RESULTS / "bench_generate.json").read_text()))
+        return
     restrict_fla_autotune()
     results = {"device": device_info(), "prompt": PROMPT, "new_tokens": NEW, "fla_autotune": "reduced", "runs": {}}
     ours, _ = random_model_0_1b()
@@ -69,6 +91,7 @@ def main() -> None:
         if a and b:
             a["speed_vs_fla"] = a["tokens_per_s"] / b["tokens_per_s"]
     print(write_results("bench_generate", results))
+    plot(results)
 
 
 if __name__ == "__main__":
