@@ -43,7 +43,6 @@ def ours(batch, seq, checkpointing: bool) -> dict:
     out = measure(step, batch * seq)
     # Frozen weights must get no gradient at all.
     out["weight_grads_computed"] = sum(p.grad is not None for p in model.parameters())
-    del peft_model, model, opt
     return out
 
 
@@ -62,7 +61,6 @@ def lora(batch, seq) -> dict:
         opt.zero_grad(set_to_none=True)
 
     out = measure(step, batch * seq)
-    del peft_model, model, opt
     return out
 
 
@@ -96,7 +94,6 @@ def fla_peer(batch, seq) -> dict:
         opt.zero_grad(set_to_none=True)
 
     out = measure(step, batch * seq)
-    del model, opt
     return out
 
 

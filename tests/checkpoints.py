@@ -76,3 +76,24 @@ def official_model(pth_path: str | os.PathLike):
     from rwkv.model import RWKV
 
     return RWKV(model=str(pth_path).removesuffix(".pth"), strategy="cpu fp32")
+
+
+def make_base_folder(tmp_dir: str | os.PathLike, **kwargs) -> Path:
+    """A random official checkpoint (``random_official_state_dict(**kwargs)``) converted into an HF
+    folder without tokenizer files: the small base model of the PEFT tests."""
+    from modeling_rwkv7 import convert_rwkv_checkpoint
+
+    pth = write_official_checkpoint(Path(tmp_dir) / "model.pth", **kwargs)
+    return convert_rwkv_checkpoint(pth, Path(tmp_dir) / "hf", with_tokenizer=False)
+
+
+def load_base(folder: str | os.PathLike):
+    """The base model of ``folder`` in fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def random_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    """Token ids in [1, vocab) (no end-of-text), reproducible."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -5,26 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401
-from modeling_rwkv7 import convert_rwkv_checkpoint
 from peft_state_tuning import DecorrelatedOptimizer, StateTuningConfig
 
-from checkpoints import write_official_checkpoint
+from checkpoints import load_base, make_base_folder
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("base_dbp")
-    pth = write_official_checkpoint(tmp / "model.pth", hidden=128, layers=2, vocab=VOCAB, seed=31)
-    return convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
-
-
-def load_base(base_dir):
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return make_base_folder(tmp_path_factory.mktemp("base_dbp"), hidden=128, layers=2, vocab=VOCAB, seed=31)
 
 
 def batches(n, batch=4, length=24):

@@ -8,41 +8,11 @@ from rwkv7_kernels import wkv7
 from rwkv7_kernels.chunked_torch import wkv7_chunked_torch
 from rwkv7_kernels.reference import wkv7_reference
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-NAMES = ["o", "final_state", "dr", "dw", "dk", "dv", "da", "db", "dh0"]
-
-
-def rwkv_inputs(B, T, H, N, dtype, seed=0):
-    """Inputs shaped like a real RWKV-7 layer's: log decay in [-0.6065, 0), a = -kk, b = kk * iclr."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    w = -0.6065306597 * torch.sigmoid(rnd(B, T, H, N) * 2)
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    iclr = torch.sigmoid(rnd(B, T, H, N))
-    return [x.to(dtype) for x in (rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * iclr)]
-
-
-def rel(x, y):
-    x, y = x.detach().double(), y.detach().double()
-    return float((x - y).norm() / y.norm().clamp_min(1e-30))
-
-
-def run_with_grads(fn, xs, h0, **kw):
-    ins = [x.clone().requires_grad_() for x in xs]
-    hh = None if h0 is None else h0.clone().requires_grad_()
-    o, ht = fn(*ins, initial_state=hh, output_final_state=True, **kw)
-    g = torch.Generator().manual_seed(1)
-    ((o.float() * torch.randn(o.shape, generator=g)).sum() + (ht * torch.randn(ht.shape, generator=g)).sum()).backward()
-    return [o, ht] + [x.grad for x in ins] + ([] if h0 is None else [hh.grad])
+from wkv_cases import assert_close_all, rel, run_with_grads, rwkv_inputs
 
 
 def reference(*x, **kw):
     return wkv7_reference(*(t.float() for t in x[:6]), **kw)
-
-
-def assert_close_all(ours, ref, dtype):
-    errs = {n: rel(x, y) for n, x, y in zip(NAMES, ours, ref)}
-    assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -8,19 +8,16 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401
-from modeling_rwkv7 import convert_rwkv_checkpoint
 from peft_state_tuning import StateTuningConfig, chunked_loss_backward, chunked_prefill
 
-from checkpoints import write_official_checkpoint
+from checkpoints import make_base_folder
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("long")
-    pth = write_official_checkpoint(tmp / "m.pth", hidden=128, layers=2, vocab=VOCAB, seed=31)
-    return convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
+    return make_base_folder(tmp_path_factory.mktemp("long"), hidden=128, layers=2, vocab=VOCAB, seed=31)
 
 
 def tuned(base_dir, tune_token_shift=True):

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import modeling_rwkv7
-from modeling_rwkv7 import Rwkv7Cache, Rwkv7ForCausalLM, Rwkv7State, convert_rwkv_checkpoint
+from modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7State, convert_rwkv_checkpoint
 from modeling_rwkv7.convert import CheckpointFormatError, fla_to_hf, hf_to_fla
 
 from checkpoints import official_model, write_official_checkpoint

@@ -8,37 +8,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401
-from modeling_rwkv7 import convert_rwkv_checkpoint
 from peft_state_tuning import ObserverCallback, StateTuningConfig, test_time_tune
 
-from checkpoints import write_official_checkpoint
+from checkpoints import load_base, make_base_folder, random_ids
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("base_obs")
-    pth = write_official_checkpoint(tmp / "model.pth", hidden=128, layers=2, vocab=VOCAB, seed=41)
-    return convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
+    return make_base_folder(tmp_path_factory.mktemp("base_obs"), hidden=128, layers=2, vocab=VOCAB, seed=41)
 
 
 @pytest.fixture(scope="module")
 def observer_dir(tmp_path_factory):  # a "larger" observer sharing the tokenizer (same vocabulary)
-    tmp = tmp_path_factory.mktemp("observer")
-    pth = write_official_checkpoint(tmp / "model.pth", hidden=128, layers=3, vocab=VOCAB, seed=42)
-    return convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
+    return make_base_folder(tmp_path_factory.mktemp("observer"), hidden=128, layers=3, vocab=VOCAB, seed=42)
 
 
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+load = load_base
 
 
 def ids(batch=2, length=16, seed=0):
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(VOCAB, batch, length, seed)
 
 
 def test_observer_equal_to_the_model_adds_zero_distillation_loss(base_dir):

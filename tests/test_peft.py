@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401  (registers STATE_TUNING)

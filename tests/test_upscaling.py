@@ -6,30 +6,22 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401
-from modeling_rwkv7 import convert_rwkv_checkpoint
 from peft_state_tuning import StateTuningConfig
 
-from checkpoints import write_official_checkpoint
+from checkpoints import load_base, make_base_folder, random_ids
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("base_up")
-    pth = write_official_checkpoint(tmp / "model.pth", hidden=128, layers=2, vocab=VOCAB, seed=21)
-    return convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
-
-
-def load_base(base_dir):
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return make_base_folder(tmp_path_factory.mktemp("base_up"), hidden=128, layers=2, vocab=VOCAB, seed=21)
 
 
 def ids(batch=2, length=12, seed=0):
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(VOCAB, batch, length, seed)
 
 
 def fill(states, seed, scale=1.0):
