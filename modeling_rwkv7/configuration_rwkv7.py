@@ -51,12 +51,16 @@ class Rwkv7Config(PretrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
+        kwargs.pop("num_attention_heads", None)  # derived, see below
         if hidden_size % head_dim != 0:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of head_dim ({head_dim})")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.head_dim = head_dim
+        # Not used by the model (heads = hidden_size // head_dim); stored under the usual name because
+        # generic tools read it, e.g. PEFT's prompt tuning sizes its virtual tokens from it.
+        self.num_attention_heads = hidden_size // head_dim
         self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
         self.decay_low_rank_dim = decay_low_rank_dim
         self.a_low_rank_dim = a_low_rank_dim

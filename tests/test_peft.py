@@ -274,3 +274,15 @@ def test_trainer_lowers_the_loss_and_checkpointing_keeps_gradients(base_dir, tmp
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < before - 0.1, (before, after)
+
+
+def test_peft_prompt_tuning_runs_on_the_model(base_dir):
+    """Generic PEFT methods read the usual config names (num_attention_heads) and work on our model."""
+    from peft import PromptTuningConfig
+
+    model = get_peft_model(load_base(base_dir), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.train()
+    x = ids(2, 7, seed=30)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.prompt_encoder["default"].embedding.weight.grad is not None
