@@ -119,9 +119,6 @@ class StateTuningModel(BaseTuner):
     tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict = {}
 
-    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
-        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-
     # `adapter_names` of the forward in progress. Kept per thread / async context (not on the
     # instance), so concurrent forwards with different adapter_names never see each other's rows.
     @property
@@ -290,16 +287,18 @@ class StateTuningModel(BaseTuner):
         return None
 
     def forward(self, *args, **kwargs):
-        if kwargs.get("initial_state") is None:
-            kwargs["initial_state"] = self.initial_state(self._batch_size(args, kwargs))
-        self._no_cache_for_upscaled(kwargs)
+        self._inject_states(args, kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        self._inject_states(args, kwargs)
+        return self.model.generate(*args, **kwargs)
+
+    def _inject_states(self, args, kwargs) -> None:
+        """Pass the adapters' states as the model's ``initial_state`` (unless the caller gave one)."""
         if kwargs.get("initial_state") is None:
             kwargs["initial_state"] = self.initial_state(self._batch_size(args, kwargs))
         self._no_cache_for_upscaled(kwargs)
-        return self.model.generate(*args, **kwargs)
 
     def _no_cache_for_upscaled(self, kwargs) -> None:
         """A recurrence-mode upscaled state runs outside the cache (upscaling.py): decode without it.
