@@ -213,6 +213,152 @@ def _fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Transition form (head size <= FAST_MAX_K): a parallel pre-pass, then a one-product serial scan
+# ----------------------------------------------------------------------------------------------
+#
+# Everything a chunk does to the state is affine in its start state h (see the module docstring):
+#
+#     W  = T ag            U0 = T A_ak v                  # u = U0 + W h
+#     P  = diag(e^{g_last}) + bt^T W                      # h_end = P h + C
+#     C  = kt^T v + bt^T U0
+#     R  = rg + A_rb W     Oc = A_rk v + A_rb U0          # o = Oc + R h
+#
+# P, C, R, Oc depend only on the chunk's inputs, so one program per (chunk, head) forms them all at
+# once (``_prep_kernel``: every chunk of every head in parallel). What is left for the serial loop
+# over chunks is ``h <- P h + C`` and ``o = Oc + R h``: one [K, K] x [K, BV] product on the critical
+# path instead of the ~15 dependent products of ``_fwd_kernel``. The backward is the same scan
+# transposed: ``dh_start = P^T dh_end + R^T do``, with ``R^T do`` formed in the parallel pre-pass.
+# The price is memory traffic (P and C are [K, K] and [K, V] fp32 per chunk), which is why this form
+# is used up to K = 64 (all released RWKV-7 models) and the fused serial kernels above beyond.
+
+
+@triton.jit
+def _prep_kernel(
+    r, w, k, v, a, b, do, P, C, R, Oc, DC, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    FORWARD: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = one chunk of one head: store ``P`` and, for the forward, ``C``, ``R``, ``Oc``;
+    for the backward, ``DC = R^T do``. Statements are ordered so that tiles die early (registers)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        c = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        n_per_seq = tl.cdiv(T, BT)
+        i_n = i_c // n_per_seq
+        c = i_c % n_per_seq
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    t0 = bos + c * BT
+    nv = eos - t0
+    rows = tl.arange(0, BT)
+    kk = tl.arange(0, K)
+    cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
+
+    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, 0, BT, K))
+    e_neg = tl.exp(-g)
+    tail = tl.exp(g_last[None, :] - g)
+    b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
+    bn = b_c * e_neg
+    bt = b_c * tail
+    ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
+    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+    W = tl.dot(inv, ag, input_precision=PREC)  # [BT, K]
+    Pm = tl.dot(tl.trans(bt), W, input_precision=PREC)
+    Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
+    tl.store(P + cbase * (K * K) + kk[:, None] * K + kk[None, :], Pm)
+    rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
+    A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
+    Rm = rg + tl.dot(A_rb, W, input_precision=PREC)
+    if FORWARD:
+        k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
+        kn = k_c * e_neg
+        v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
+        U0 = tl.dot(inv, tl.dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, input_precision=PREC), input_precision=PREC)
+        Cm = tl.dot(tl.trans(k_c * tail), v_c, input_precision=PREC) + tl.dot(tl.trans(bt), U0, input_precision=PREC)
+        tl.store(C + cbase * (K * V) + _state_offsets(K, V, 0, V), Cm)
+        Om = tl.dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, input_precision=PREC)
+        Om += tl.dot(A_rb, U0, input_precision=PREC)
+        # R and Oc are stored per chunk, rows past the sequence end included (they are never read
+        # into an output: the scan masks its stores).
+        tl.store(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :], Rm)
+        tl.store(Oc + cbase * (BT * V) + rows[:, None] * V + tl.arange(0, V)[None, :], Om)
+    else:
+        do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
+        tl.store(DC + cbase * (K * V) + _state_offsets(K, V, 0, V), tl.dot(tl.trans(Rm), do_c, input_precision=PREC))
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    P, C, R, Oc, o, h0, ht, states, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr,
+):
+    """Serial over chunks, one program per (V-block, sequence, head): ``o = Oc + R h ; h <- P h + C``."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    if IS_VARLEN:
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    col0 = i_v * BV
+    soffs = _state_offsets(K, V, col0, BV)
+    kk = tl.arange(0, K)
+    rows = tl.arange(0, BT)
+    if HAS_H0:
+        if H0_BCAST:
+            h = tl.load(h0 + i_h * (K * V) + soffs)
+        else:
+            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
+    else:
+        h = tl.zeros([K, BV], dtype=tl.float32)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        cbase = (first_chunk + c) * H + i_h
+        if STORE_STATES:
+            tl.store(states + cbase * (K * V) + soffs, h)
+        Pm = tl.load(P + cbase * (K * K) + kk[:, None] * K + kk[None, :])
+        Cm = tl.load(C + cbase * (K * V) + soffs)
+        Rm = tl.load(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :])
+        Om = tl.load(Oc + cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :])
+        Om += tl.dot(Rm, h, input_precision=SCAN_PREC)
+        _store_tile(o, Om, bos + c * BT, eos - bos - c * BT, i_h, H, V, col0, BT, BV)
+        h = tl.dot(Pm, h, input_precision=SCAN_PREC) + Cm
+    if STORE_FINAL:
+        tl.store(ht + i_nh.to(tl.int64) * (K * V) + soffs, h)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr,
+):
+    """Serial, last chunk first: store the gradient of each chunk's end state, ``dh <- P^T dh + R^T do``."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    if IS_VARLEN:
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    soffs = _state_offsets(K, V, i_v * BV, BV)
+    kk = tl.arange(0, K)
+    if HAS_DHT:
+        dh = tl.load(dht + i_nh.to(tl.int64) * (K * V) + soffs)
+    else:
+        dh = tl.zeros([K, BV], dtype=tl.float32)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i in range(0, n_chunks):
+        cbase = (first_chunk + n_chunks - 1 - i) * H + i_h
+        tl.store(dstates + cbase * (K * V) + soffs, dh)
+        Pt = tl.load(P + cbase * (K * K) + kk[None, :] * K + kk[:, None])  # P^T, read transposed
+        dh = tl.dot(Pt, dh, input_precision=SCAN_PREC) + tl.load(DC + cbase * (K * V) + soffs)
+    tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
 
@@ -448,6 +594,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+#: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
+#: upscaled states) use the fused serial kernels, whose registers hold no [K, K] matrix.
+FAST_MAX_K = int(os.environ.get("RWKV7_WKV_FAST_MAX_K", "64"))
+
+
+def _transition_form(K: int, V: int) -> bool:
+    return max(K, V) <= FAST_MAX_K
+
+
+def _scan_precision(dtype: torch.dtype) -> str:
+    """Precision of the scan's ``P h`` product: the state is carried through it once per chunk."""
+    return os.environ.get("RWKV7_WKV_SCAN_PREC") or _dot_precision(dtype)
+
+
 def _warps(BT: int, K: int) -> int:
     return 4 if BT * K <= 2048 else 8
 
@@ -494,13 +654,28 @@ class _WKV7Function(torch.autograd.Function):
         o = torch.empty(B, T, H, V, dtype=dtype, device=r.device)
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device) if output_final_state else None
         states = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device) if need_grad else None
-        _fwd_kernel[(V // BV, n_seq * H)](
-            r, w, k, v, a, b, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T,
-            H=H, K=K, V=V, BT=BT, BV=BV, LOG2_BT=int(math.log2(BT)),
-            HAS_H0=h0 is not None, H0_BCAST=h0 is not None and h0.shape[0] == 1 and n_seq > 1,
-            STORE_FINAL=output_final_state, STORE_STATES=need_grad, IS_VARLEN=varlen,
-            PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
-        )
+        h0_flags = dict(HAS_H0=h0 is not None, H0_BCAST=h0 is not None and h0.shape[0] == 1 and n_seq > 1)
+        common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
+        if _transition_form(K, V):
+            f32 = dict(dtype=torch.float32, device=r.device)
+            P, C = torch.empty(n_chunks, H, K, K, **f32), torch.empty(n_chunks, H, K, V, **f32)
+            R, Oc = torch.empty(n_chunks, H, BT, K, **f32), torch.empty(n_chunks, H, BT, V, **f32)
+            if n_chunks:
+                _prep_kernel[(n_chunks, H)](
+                    r, w, k, v, a, b, None, P, C, R, Oc, None, cu_seqlens, chunk_indices, seq_T, **common,
+                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_warps(BT, K),
+                )
+            _scan_fwd_kernel[(V // BV, n_seq * H)](
+                P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
+                STORE_FINAL=output_final_state, STORE_STATES=need_grad, SCAN_PREC=_scan_precision(dtype),
+                num_warps=4, num_stages=2,
+            )
+        else:
+            _fwd_kernel[(V // BV, n_seq * H)](
+                r, w, k, v, a, b, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
+                LOG2_BT=int(math.log2(BT)), **h0_flags, STORE_FINAL=output_final_state, STORE_STATES=need_grad,
+                PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+            )
         if need_grad:
             ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices)
             ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
@@ -518,11 +693,26 @@ class _WKV7Function(torch.autograd.Function):
         dht = None if dht is None else dht.to(torch.float32).contiguous()
         dstates = torch.empty_like(states)
         dh0 = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device)
-        _bwd_state_kernel[(V // BV, n_seq * H)](
-            r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T,
-            H=H, K=K, V=V, BT=BT, BV=BV, LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None,
-            IS_VARLEN=varlen, PREC=prec, num_warps=_warps(BT, K), num_stages=_stages(BT, K),
-        )
+        common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
+        if _transition_form(K, V):
+            P = torch.empty(n_chunks, H, K, K, dtype=torch.float32, device=r.device)
+            DC = torch.empty_like(dstates)
+            if n_chunks:
+                _prep_kernel[(n_chunks, H)](
+                    r, w, k, v, a, b, do, P, None, None, None, DC, cu_seqlens, chunk_indices, seq_T, **common,
+                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_warps(BT, K),
+                )
+            _scan_bwd_kernel[(V // BV, n_seq * H)](
+                P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
+                HAS_DHT=dht is not None, SCAN_PREC=_scan_precision(r.dtype), num_warps=4, num_stages=2,
+            )
+            del P, DC
+        else:
+            _bwd_state_kernel[(V // BV, n_seq * H)](
+                r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
+                LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec,
+                num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+            )
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
         if n_chunks:
             _bwd_grad_kernel[(n_chunks, H)](
