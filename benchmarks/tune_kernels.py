@@ -54,26 +54,32 @@ def main() -> None:
     ap.add_argument("--chunks", default="32,64")
     ap.add_argument("--bvs", default="16,32,64")
     ap.add_argument("--scan-precs", default="tf32,tf32x3,ieee")
+    ap.add_argument("--par-warps", default="4", help="warps of the per-chunk kernels (RWKV7_WKV_PAR_WARPS)")
+    ap.add_argument("--grad-bvs", default="64", help="V-block of the gradient kernel (RWKV7_WKV_GRAD_BV)")
     ap.add_argument("--fla", action="store_true", help="also profile flash-linear-attention's chunk_rwkv7")
     args = ap.parse_args()
     shape = tuple(int(x) for x in args.shape.split("x"))
     data = ShapeData(shape)
     log = lambda m: print(m, flush=True)  # noqa: E731
     sweep = []
-    for bt, bv, prec in itertools.product(
-        (int(c) for c in args.chunks.split(",")), (int(c) for c in args.bvs.split(",")), args.scan_precs.split(",")
-    ):
-        os.environ.update(RWKV7_WKV_BV=str(bv), RWKV7_WKV_SCAN_PREC=prec)
+    ints = lambda text: [int(c) for c in text.split(",")]  # noqa: E731
+    grid = itertools.product(ints(args.chunks), ints(args.bvs), args.scan_precs.split(","), ints(args.par_warps),
+                             ints(args.grad_bvs))
+    for bt, bv, prec, warps, gbv in grid:
+        os.environ.update(RWKV7_WKV_BV=str(bv), RWKV7_WKV_SCAN_PREC=prec, RWKV7_WKV_PAR_WARPS=str(warps),
+                          RWKV7_WKV_GRAD_BV=str(gbv))
+        name = f"bt{bt}-bv{bv}-{prec}-w{warps}-gbv{gbv}"
         try:
-            row = bench_variant(data, f"bt{bt}-bv{bv}-{prec}", ours_fn(bt), log)
+            row = bench_variant(data, name, ours_fn(bt), log)
         except Exception as e:  # noqa: BLE001  (a setting that does not compile is recorded, not fatal)
             row = dict(error=repr(e)[:300])
-            log(f"[tune] bt{bt} bv{bv} {prec} failed: {row['error']}")
-        sweep.append(dict(BT=bt, BV=bv, scan_prec=prec, **row))
+            log(f"[tune] {name} failed: {row['error']}")
+        sweep.append(dict(BT=bt, BV=bv, scan_prec=prec, par_warps=warps, grad_bv=gbv, **row))
     ok = [r for r in sweep if "fwd_bwd_ms" in r]
     best = min(ok, key=lambda r: r["fwd_bwd_ms"])
     log(f"[tune] best: {best}")
-    os.environ.update(RWKV7_WKV_BV=str(best["BV"]), RWKV7_WKV_SCAN_PREC=best["scan_prec"])
+    os.environ.update(RWKV7_WKV_BV=str(best["BV"]), RWKV7_WKV_SCAN_PREC=best["scan_prec"],
+                      RWKV7_WKV_PAR_WARPS=str(best["par_warps"]), RWKV7_WKV_GRAD_BV=str(best["grad_bv"]))
     result = dict(device=torch.cuda.get_device_name(), shape=list(shape), sweep=sweep, best=best,
                   profile_ours=kernel_profile(data, ours_fn(best["BT"])))
     if args.fla:

@@ -612,6 +612,11 @@ def _warps(BT: int, K: int) -> int:
     return 4 if BT * K <= 2048 else 8
 
 
+def _parallel_warps(BT: int, K: int) -> int:
+    """Warps of the one-program-per-chunk kernels, which hold many [BT, K] tiles at once (registers)."""
+    return int(os.environ.get("RWKV7_WKV_PAR_WARPS", "0")) or _warps(BT, K)
+
+
 def _stages(BT: int, K: int) -> int:
     """Software-pipelining depth of the chunk loops: each stage buffers a chunk's tiles in shared memory."""
     return 2 if BT * K <= 2048 else 1
@@ -663,7 +668,7 @@ class _WKV7Function(torch.autograd.Function):
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
                     r, w, k, v, a, b, None, P, C, R, Oc, None, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_warps(BT, K),
+                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_parallel_warps(BT, K),
                 )
             _scan_fwd_kernel[(V // BV, n_seq * H)](
                 P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
@@ -700,7 +705,7 @@ class _WKV7Function(torch.autograd.Function):
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
                     r, w, k, v, a, b, do, P, None, None, None, DC, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_warps(BT, K),
+                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_parallel_warps(BT, K),
                 )
             _scan_bwd_kernel[(V // BV, n_seq * H)](
                 P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
@@ -717,8 +722,9 @@ class _WKV7Function(torch.autograd.Function):
         if n_chunks:
             _bwd_grad_kernel[(n_chunks, H)](
                 r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
-                H=H, K=K, V=V, BT=BT, BV=min(V, 64), LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
-                num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+                H=H, K=K, V=V, BT=BT, BV=min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "64"))),
+                LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                num_warps=_parallel_warps(BT, K), num_stages=_stages(BT, K),
             )
         dh0_out = None
         if has_h0:
