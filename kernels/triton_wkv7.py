@@ -585,9 +585,15 @@ def _pick_chunk_size(w: torch.Tensor, preferred: int) -> int:
     )
 
 
-def _block_v(V: int) -> int:
-    """V-columns per program in the serial kernels: more programs for small batches, but >= 16 for tl.dot."""
-    return min(V, int(os.environ.get("RWKV7_WKV_BV", "16")))
+def _block_v(K: int, V: int) -> int:
+    """V-columns per program in the serial kernels: more programs for small batches, but >= 16 for tl.dot.
+
+    The transition-form scan reads the same P for every V-block, so it prefers one block of all V
+    (H100, 8x4096x12x64: fwd+bwd 4.34 ms at 64 vs 4.49 ms at 16, benchmarks/results/tune_kernels.json);
+    the fused serial kernels do a whole chunk's algebra per step and want more, smaller programs.
+    """
+    default = 64 if _transition_form(K, V) else 16
+    return min(V, int(os.environ.get("RWKV7_WKV_BV", str(default))))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -644,7 +650,7 @@ class _WKV7Function(torch.autograd.Function):
         # fp32 inputs use full-precision ("ieee") products, whose operand staging needs more shared
         # memory than an H100 has at BT = 64 (measured: 240 KB > 227 KB), so they stop at 32.
         BT = _pick_chunk_size(w, min(chunk_size, 32) if dtype == torch.float32 else chunk_size)
-        BV = _block_v(V)
+        BV = _block_v(K, V)
         varlen = cu_seqlens is not None
         if varlen:
             cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()

@@ -55,6 +55,7 @@ __all__ = [
     "Rwkv7Tokenizer",
     "get_world_tokenizer",
     "load_rwkv_vocab",
+    "utf8_bytes",
 ]
 
 
@@ -139,6 +140,39 @@ def _parse_vocab(raw: bytes, path: str) -> dict[int, bytes]:
             f"(first: {missing[0]:#04x}); every byte must be a token so that any text can be encoded"
         )
     return id_to_bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text to bytes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 bytes (what both RWKV tokenizers cut into tokens).
+
+    A Python ``str`` can hold lone surrogates (U+D800..U+DFFF, half of a UTF-16 pair): they come from text
+    decoded with ``errors="surrogateescape"`` / ``"surrogatepass"``, from a JSON ``"\\ud800"`` escape, or from
+    UTF-16 cut in the middle of a pair. They are not characters and have no UTF-8 bytes. We refuse them, as pip
+    ``rwkv``'s TRIE_TOKENIZER and Hugging Face's fast (Rust) tokenizers do, but with a ``UnicodeEncodeError``
+    (a ``ValueError``) that names the position and says how to clean the text. We do not encode them with
+    ``errors="surrogatepass"``: that gives bytes that are not UTF-8 (``b"\\xed\\xa0\\x80"``), which the model never
+    saw as text and which decode back to three U+FFFD, i.e. silently altered input.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        start, end = e.start, e.end
+        near = text[max(0, start - 20) : end + 20]
+        reason = (
+            f"lone surrogate{'s' if end - start > 1 else ''} (half of a UTF-16 pair; not a Unicode character, so "
+            f"it has no UTF-8 bytes to tokenize), in {near!r}. Clean the text before tokenizing, e.g. "
+            "text.encode('utf-8', 'replace').decode('utf-8') (each becomes '?'); if the surrogates stand for raw "
+            "bytes (text decoded with errors='surrogateescape'), tokenize those bytes: "
+            "tokenizer.encode_bytes(text.encode('utf-8', 'surrogateescape'))"
+        )
+        # Same exception type as before (callers catching UnicodeEncodeError / ValueError keep working),
+        # with the guidance in the reason; `from None` hides the bare codec error it replaces.
+        raise UnicodeEncodeError("utf-8", text, start, end, reason) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,12 +393,20 @@ class Rwkv7Tokenizer(PreTrainedTokenizer):
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` exactly as ``TRIE_TOKENIZER.encode`` gives them (strict UTF-8, no special tokens).
 
-        A ``str`` holding lone surrogates raises ``UnicodeEncodeError``, as TRIE_TOKENIZER does.
+        A ``str`` holding lone surrogates raises ``UnicodeEncodeError`` (a ``ValueError``) naming the position
+        and how to clean the text (:func:`utf8_bytes`), as TRIE_TOKENIZER refuses it too.
         """
         if not text:
             return []
         table = self._tables.bytes_to_id
-        return [table[m] for m in self._tables.regex.findall(text.encode("utf-8"))]
+        return [table[m] for m in self._tables.regex.findall(utf8_bytes(text))]
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        # With split_special_tokens=False the base class cuts the text around added tokens before
+        # _tokenize sees it: check the whole text first, so an error gives the position in the caller's text.
+        if isinstance(text, str):
+            utf8_bytes(text)
+        return super().tokenize(text, **kwargs)
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         id_to_token = self._tables.id_to_token

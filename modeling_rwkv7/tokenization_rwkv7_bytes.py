@@ -18,7 +18,7 @@ import os
 import shutil
 from typing import Any
 
-from .tokenization_rwkv7 import END_OF_TEXT_ID, Rwkv7Tokenizer
+from .tokenization_rwkv7 import END_OF_TEXT_ID, Rwkv7Tokenizer, utf8_bytes
 
 BYTES_VOCAB_FILE_NAME = "rwkv_vocab_bytes.txt"
 DEFAULT_BYTES_VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), BYTES_VOCAB_FILE_NAME)
@@ -53,7 +53,8 @@ class Rwkv7ByteTokenizer(Rwkv7Tokenizer):
         return [b + 1 for b in bytes(data)]  # what the greedy match gives on a byte vocabulary, without the regex
 
     def encode_text(self, text: str) -> list[int]:
-        return [b + 1 for b in text.encode("utf-8")] if text else []
+        # utf8_bytes: a str with lone surrogates gets the same clear error as the world tokenizer's.
+        return [b + 1 for b in utf8_bytes(text)] if text else []
 
     def _convert_id_to_token(self, index: int) -> str:
         if not 0 <= index < self.vocab_size and index not in self._added_tokens_decoder:

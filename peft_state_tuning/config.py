@@ -31,6 +31,11 @@ class StateTuningConfig(PeftConfig):
             adapter is created, checked when it is loaded onto a base.
         state_initialized: bookkeeping; ``True`` in saved adapters, so that loading one does not
             re-run ``init`` (the saved states replace it anyway).
+        base_model_fingerprint: a short hash of the frozen base the adapter was saved with (written by
+            ``save_pretrained``, see ``peft_state_tuning.model.base_model_fingerprint``). Loading the adapter
+            onto a base with another fingerprint raises a ``ValueError`` (set the environment variable
+            ``RWKV7_STATE_TUNING_ALLOW_OTHER_BASE=1`` to load it anyway). ``None`` (adapters saved before
+            this field existed): not checked.
     """
 
     target_layers: list[int] | None = field(default=None, metadata={"help": "layers to tune (default: all)"})
@@ -44,6 +49,11 @@ class StateTuningConfig(PeftConfig):
     hidden_size: int | None = field(default=None, metadata={"help": "filled in from the base model"})
     state_initialized: bool = field(
         default=False, metadata={"help": "set once `init` ran; a saved adapter's weights then replace any init"}
+    )
+    # Which base the states were trained on (states are tied to the weights that read them). Optional with
+    # default None, so adapter_config.json files written before this field existed still load (unchecked).
+    base_model_fingerprint: str | None = field(
+        default=None, metadata={"help": "hash of the base model the adapter was saved with; checked on load"}
     )
     # ---- kernel-method state upscaling (docs/methods.md; peft_state_tuning/upscaling.py) ----
     upscale_dim: int | None = field(default=None, metadata={"help": "M: train an upscaled [H, M, M] state per layer"})
@@ -98,6 +108,7 @@ class StateTuningConfig(PeftConfig):
             "init_state_file": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "null or a file path"),
             "tune_token_shift": (lambda v: isinstance(v, bool), "true or false"),
             "state_initialized": (lambda v: isinstance(v, bool), "true or false"),
+            "base_model_fingerprint": (lambda v: v is None or isinstance(v, str), "null or a string (written by save_pretrained)"),
             **{k: (lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer")
                for k in ("num_layers", "num_heads", "head_dim", "hidden_size")},
         }  # fmt: skip

@@ -14,6 +14,8 @@
   :class:`AdapterFormatError` naming the file and what to do, instead of a deep safetensors / Hub
   error. :func:`check_adapter_tensors` (called by the tuner on every load) refuses NaN/Inf states,
   wrong shapes and missing or foreign keys.
+* **Which base.** Saves record the frozen base's fingerprint in ``adapter_config.json``
+  (:func:`record_base_fingerprint`); the tuner refuses to load the adapter onto a base with another one.
 
 Both wrappers act only on ``STATE_TUNING`` adapters (as ``hub.py`` does for ``push_to_hub``); other
 PEFT methods keep PEFT's own behaviour. :func:`install` is called by ``registration.register()``.
@@ -191,6 +193,20 @@ def check_adapter_tensors(model, adapter_name: str, state_dict: dict, source: st
             )
 
 
+def record_base_fingerprint(peft_model: PeftModel) -> None:
+    """Write the frozen base's fingerprint into every adapter's config before it is saved, so that loading
+    the adapter onto another base fails clearly (``StateTuningModel`` checks it on load). Computed at save
+    time, from the base the states were trained with; when it cannot be computed (offloaded or partitioned
+    weights) the value already there is kept."""
+    from .model import base_model_fingerprint
+
+    fingerprint = base_model_fingerprint(peft_model.get_base_model())
+    if fingerprint is None:
+        return
+    for config in peft_model.peft_config.values():
+        config.base_model_fingerprint = fingerprint
+
+
 def _checked_get_peft_type(original):
     @functools.wraps(original)
     def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
@@ -225,7 +241,10 @@ def install() -> None:
 
     @functools.wraps(original_save)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if not _is_state_tuning(self) or not kwargs.get("is_main_process", True):
+        if not _is_state_tuning(self):
+            return original_save(self, save_directory, *args, **kwargs)
+        record_base_fingerprint(self)
+        if not kwargs.get("is_main_process", True):
             return original_save(self, save_directory, *args, **kwargs)
         return atomic_save_pretrained(original_save, self, save_directory, *args, **kwargs)
 

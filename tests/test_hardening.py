@@ -20,16 +20,18 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import peft_state_tuning  # noqa: F401  (registers STATE_TUNING)
 from modeling_rwkv7 import Rwkv7State, convert_rwkv_checkpoint, get_world_tokenizer
 from modeling_rwkv7.convert import CheckpointFormatError, load_official_checkpoint
+from modeling_rwkv7.tokenization_rwkv7_bytes import Rwkv7ByteTokenizer
 from peft_state_tuning import AdapterFormatError, StateTuningConfig, load_rwkv_state
+from peft_state_tuning.model import ALLOW_OTHER_BASE_ENV, base_model_fingerprint
 
-from checkpoints import write_official_checkpoint
+from checkpoints import random_official_state_dict, write_official_checkpoint
 
 VOCAB = 300
 
@@ -41,12 +43,15 @@ def env(tmp_path_factory):
     hf = convert_rwkv_checkpoint(pth, tmp / "hf", with_tokenizer=False)
     other_pth = write_official_checkpoint(tmp / "other.pth", hidden=128, layers=3, vocab=VOCAB, seed=4)
     other = convert_rwkv_checkpoint(other_pth, tmp / "other", with_tokenizer=False)
+    # Base B: the same shape as the adapter's base A, other weights (what the fingerprint must catch).
+    twin_pth = write_official_checkpoint(tmp / "twin.pth", hidden=128, layers=2, vocab=VOCAB, seed=5)
+    twin = convert_rwkv_checkpoint(twin_pth, tmp / "twin", with_tokenizer=False)
     model = get_peft_model(load(hf), StateTuningConfig())
     with torch.no_grad():
         for p in model.base_model.adapter_states["default"].wkv.values():
             p.normal_()
     model.save_pretrained(tmp / "adapter")
-    return {"tmp": tmp, "pth": pth, "hf": hf, "other": other, "adapter": tmp / "adapter"}
+    return {"tmp": tmp, "pth": pth, "hf": hf, "other": other, "twin": twin, "adapter": tmp / "adapter"}
 
 
 def load(path):
@@ -112,6 +117,21 @@ def mixed_adapters(env, names, batch):
     return model(input_ids=torch.ones(batch, 4, dtype=torch.long), adapter_names=names)
 
 
+def load_adapter_onto_twin(env):
+    model = get_peft_model(load(env["twin"]), StateTuningConfig())
+    return model.load_adapter(env["adapter"], adapter_name="trained_on_a")
+
+
+def auto_peft_onto_twin(env):  # adapter_config.json names base B: AutoPeftModel loads B, then the adapter
+    folder = adapter_copy(env, edit_config=lambda c: c.update(base_model_name_or_path=str(env["twin"])))
+    return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+OTHER_BASE = [r"was trained on another base model", r"records base fingerprint rwkv7-fp1:[0-9a-f]{16}",
+              r"has fingerprint rwkv7-fp1:[0-9a-f]{16}", r"tied to the weights that read it",
+              rf"set the environment variable {ALLOW_OTHER_BASE_ENV}=1"]  # fmt: skip
+
+
 def no_marker_written(marker):  # helper of the pickled-code row, see test_pickled_code_is_not_run
     assert not marker.exists()
 
@@ -122,6 +142,12 @@ BAD_INPUTS = [
      TypeError, [r"needs an RWKV-7 model", r"modeling_rwkv7\.convert"]),
     ("adapter-for-more-layers", lambda env: PeftModel.from_pretrained(load(env["other"]), env["adapter"]),
      ValueError, [r"another base model \(num_layers: adapter 2 vs base 3\)", r"Load it onto the base"]),
+    ("adapter-for-another-base-same-shape", lambda env: PeftModel.from_pretrained(load(env["twin"]), env["adapter"]),
+     ValueError, OTHER_BASE + [r"base_model_name_or_path: '.*/hf'"]),
+    ("adapter-for-another-base-load_adapter", load_adapter_onto_twin, ValueError, OTHER_BASE),
+    ("adapter-for-another-base-auto-peft", auto_peft_onto_twin, ValueError, OTHER_BASE + [r"this base \('.*/twin'\)"]),
+    ("config-fingerprint-wrong-type", lambda env: load_adapter_variant(env, edit_config=lambda c: c.update(base_model_fingerprint=123)),
+     TypeError, [r"`base_model_fingerprint` must be null or a string", r"fix that value"]),
     ("adapter-for-other-head-size", lambda env: load_adapter_variant(env, edit_weights=edit_tensors(
         lambda t: t.update({k: torch.zeros(4, 32, 32) for k in t}))),
      AdapterFormatError, [r"shape \(4, 32, 32\) but this base model needs \(2, 64, 64\)", r"Load it onto the base"]),
@@ -182,7 +208,10 @@ BAD_INPUTS = [
     ("adapter_names-wrong-length", lambda env: mixed_adapters(env, ["default"], 2),
      ValueError, [r"adapter_names has 1 entries but the batch has 2 rows"]),
     ("tokenizer-lone-surrogate", lambda env: get_world_tokenizer()("a\udcffb"),
-     UnicodeEncodeError, [r"can't encode character '\\udcff' in position 1"]),
+     ValueError, [r"can't encode character '\\udcff' in position 1: lone surrogate", r"Clean the text",
+                  r"encode_bytes\(text.encode\('utf-8', 'surrogateescape'\)\)"]),
+    ("byte-tokenizer-lone-surrogates", lambda env: Rwkv7ByteTokenizer()(["ok", "xy\ud800z"]),
+     ValueError, [r"can't encode character '\\ud800' in position 2: lone surrogate", r"Clean the text"]),
 ]  # fmt: skip
 
 
@@ -198,7 +227,8 @@ def _write(env, name, data: bytes):
 
 
 @pytest.mark.parametrize("action, error, patterns", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_gives_a_clear_error(env, action, error, patterns):
+def test_bad_input_gives_a_clear_error(env, action, error, patterns, monkeypatch):
+    monkeypatch.delenv(ALLOW_OTHER_BASE_ENV, raising=False)  # the override would turn the other-base rows off
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(error) as info:
@@ -281,6 +311,109 @@ def test_invalid_utf8_decodes_with_replacement_or_a_clear_error():
     with pytest.raises(UnicodeDecodeError, match="unexpected end of data"):
         tok.decode(ids, errors="strict")
     assert tok.encode_bytes(b"\xff\xfe\x80abc")  # invalid UTF-8 input bytes tokenise byte by byte
+
+
+@pytest.mark.parametrize("tok", [get_world_tokenizer(), Rwkv7ByteTokenizer()], ids=["world", "bytes"])
+def test_lone_surrogates_and_invalid_utf8(tok):
+    # Decoding ids whose bytes are not UTF-8 never raises: U+FFFD per bad sequence, as HF tokenizers do.
+    ids = tok.encode_bytes(b"a\xff\xe4\xb8b")  # a stray byte, then a character cut in the middle
+    assert tok.decode(ids) == "a\ufffd\ufffdb"
+    assert tok.batch_decode([ids, tok.encode_bytes(b"\x80")]) == ["a\ufffd\ufffdb", "\ufffd"]
+    assert tok.convert_tokens_to_string(tok.convert_ids_to_tokens(ids)) == "a\ufffd\ufffdb"
+    # Encoding a str with a lone surrogate: a ValueError (UnicodeEncodeError) with the position in the
+    # caller's text, on every path (fast path, tokenize(), split_special_tokens=False, pairs, batches).
+    text = "hello \ud800 world"
+    for call in (lambda: tok(text), lambda: tok.encode(text), lambda: tok.tokenize(text),
+                 lambda: tok(text, split_special_tokens=False), lambda: tok("ok", text), lambda: tok(["ok", text])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"character '\\ud800' in position 6: lone surrogate.*Clean the text") as info:
+            call()
+        assert isinstance(info.value, UnicodeEncodeError) and (info.value.start, info.value.end) == (6, 7)
+    # The two recipes the message gives both work.
+    assert tok.decode(tok.encode(text.encode("utf-8", "replace").decode("utf-8"))) == "hello ? world"
+    escaped = b"raw \xff byte".decode("utf-8", "surrogateescape")  # '\udcff' stands for the byte 0xff
+    assert tok.decode_bytes(tok.encode_bytes(escaped.encode("utf-8", "surrogateescape"))) == b"raw \xff byte"
+    assert tok.encode("valid \U0001f600 pair") == tok.encode_bytes("valid \U0001f600 pair".encode())  # astral chars are fine
+
+
+# ---- an adapter belongs to one base -----------------------------------------------------------------------
+
+FINGERPRINT_WARNINGS = r".*(another base|fingerprint)"
+
+
+def test_save_records_the_base_fingerprint_and_dtypes_of_that_base_load(env, monkeypatch):
+    monkeypatch.delenv(ALLOW_OTHER_BASE_ENV, raising=False)
+    recorded = json.loads((env["adapter"] / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert re.fullmatch(r"rwkv7-fp1:[0-9a-f]{16}", recorded)
+    assert base_model_fingerprint(load(env["hf"])) == recorded
+    assert base_model_fingerprint(load(env["twin"])) != recorded  # same shape, other weights
+    # The same base loaded in bf16 has the same fingerprint (values are hashed at bf16 precision): it loads.
+    bf16 = AutoModelForCausalLM.from_pretrained(env["hf"], dtype=torch.bfloat16)
+    assert base_model_fingerprint(bf16) == recorded
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=FINGERPRINT_WARNINGS)  # ... without a fingerprint warning
+        model = PeftModel.from_pretrained(bf16, env["adapter"])
+    tensors = load_file(env["adapter"] / "adapter_model.safetensors")
+    for layer, p in model.base_model.adapter_states["default"].wkv.items():
+        assert p.dtype == torch.float32 and torch.equal(p, tensors[f"base_model.state_tuning.wkv.{layer}"])
+    # A fine-tune of the base (one layer's decay moved by 1e-2) is another base.
+    tuned = load(env["hf"])
+    with torch.no_grad():
+        tuned.model.blocks[1].att.w0.add_(1e-2)
+    assert base_model_fingerprint(tuned) != recorded
+
+
+def test_fingerprint_of_a_bf16_checkpoint_is_the_same_in_fp32_bf16_and_fp16(env):
+    """Released RWKV-7 weights are bf16: loading them in any of the three dtypes gives one fingerprint,
+    including values below fp16's normal range (fp16 keeps them less precisely; they count as 0) and -0.0."""
+    sd = random_official_state_dict(hidden=128, layers=2, vocab=VOCAB, seed=6, dtype=torch.bfloat16)
+    sd["emb.weight"][0, :4] = torch.tensor([1e-6, -3e-7, -0.0, 2.0**-14])
+    sd["blocks.1.att.w0"].view(-1)[:2] = torch.tensor([5e-8, -1e-5])
+    torch.save(sd, env["tmp"] / "bf16.pth")
+    folder = convert_rwkv_checkpoint(env["tmp"] / "bf16.pth", env["tmp"] / "bf16", with_tokenizer=False)
+    prints = {dt: base_model_fingerprint(AutoModelForCausalLM.from_pretrained(folder, dtype=dt))
+              for dt in (torch.float32, torch.bfloat16, torch.float16)}  # fmt: skip
+    assert len(set(prints.values())) == 1 and None not in prints.values(), prints
+
+
+def test_override_loads_an_adapter_onto_another_base_and_resave_records_it(env, monkeypatch, tmp_path):
+    monkeypatch.setenv(ALLOW_OTHER_BASE_ENV, "1")
+    with pytest.warns(UserWarning, match=rf"trained on another base model.*Loading it anyway, because {ALLOW_OTHER_BASE_ENV} is set"):
+        model = PeftModel.from_pretrained(load(env["twin"]), env["adapter"])
+    tensors = load_file(env["adapter"] / "adapter_model.safetensors")
+    for layer, p in model.base_model.adapter_states["default"].wkv.items():
+        assert torch.equal(p, tensors[f"base_model.state_tuning.wkv.{layer}"])
+    model.save_pretrained(tmp_path / "on_twin")  # the adapter now belongs to base B
+    saved = json.loads((tmp_path / "on_twin" / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert saved == base_model_fingerprint(load(env["twin"]))
+    monkeypatch.delenv(ALLOW_OTHER_BASE_ENV)
+    PeftModel.from_pretrained(load(env["twin"]), tmp_path / "on_twin")
+    with pytest.raises(ValueError, match="trained on another base model"):
+        PeftModel.from_pretrained(load(env["hf"]), tmp_path / "on_twin")
+
+
+def test_adapters_without_a_fingerprint_load_onto_any_base_of_their_shape(env, monkeypatch):
+    """adapter_config.json files written before the field existed (and adapters built from RWKV state
+    files, which carry no config) load as before; an unknown fingerprint scheme warns and loads."""
+    monkeypatch.delenv(ALLOW_OTHER_BASE_ENV, raising=False)
+    old = adapter_copy(env, edit_config=lambda c: c.pop("base_model_fingerprint"))
+    for base in ("hf", "twin"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=FINGERPRINT_WARNINGS)
+            model = PeftModel.from_pretrained(load(env[base]), old)
+        assert model.peft_config["default"].base_model_fingerprint is None
+    future = adapter_copy(env, edit_config=lambda c: c.update(base_model_fingerprint="rwkv7-fp9:0123"))
+    with pytest.warns(UserWarning, match=r"unknown scheme \('rwkv7-fp9:0123'"):
+        PeftModel.from_pretrained(load(env["twin"]), future)
+
+
+def test_no_fingerprint_without_readable_weights(env):
+    """Meta weights (an offloaded model) give no fingerprint rather than a wrong one: nothing is recorded or checked."""
+    from modeling_rwkv7 import Rwkv7ForCausalLM
+
+    config = load(env["hf"]).config
+    with torch.device("meta"):
+        meta = Rwkv7ForCausalLM(config)
+    assert base_model_fingerprint(meta) is None
 
 
 # ---- nothing is lost --------------------------------------------------------------------------------

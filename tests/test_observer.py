@@ -90,7 +90,11 @@ def test_test_time_tune_respects_its_budget_and_returns_an_adapter(base_dir, obs
     elapsed = time.perf_counter() - start
     stats = tuned.test_time_stats
     assert isinstance(tuned, PeftModel) and not tuned.training
-    assert 2 <= stats["steps"] < 100_000 and stats["seconds"] <= budget and elapsed <= budget + 0.2, (stats, elapsed, budget)
+    # The tuner stops before a step that its running step time says would overrun; on a loaded CI
+    # machine one step can still take longer than the ones before it, hence the slack.
+    slack = 0.25 * budget + 0.5
+    assert 2 <= stats["steps"] < 100_000, stats
+    assert stats["seconds"] <= budget + slack and elapsed <= budget + slack, (stats, elapsed, budget)
     assert stats["losses"][-1] < stats["losses"][0]
     # on a PeftModel: a new adapter, with observer feedback, few steps
     again = test_time_tune(tuned, examples, steps=3, observer=load(observer_dir), adapter_name="tt2")

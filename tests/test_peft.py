@@ -153,6 +153,8 @@ def test_save_load_in_a_new_process(base_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_fingerprint"].startswith("rwkv7-fp1:")  # checked by the loads in the new process
     x = ids(2, 8, seed=12)
     with torch.no_grad():
         expected = model(x).logits

@@ -1,0 +1,137 @@
+"""Cheap checks of scripts/study_gpu.py (the whole script's CPU smoke run, ``--smoke``, takes minutes: not here).
+
+Covers the parts whose mistakes would silently bias the GPU study: the second task's labels and splits, the
+batched evaluation (ranked accuracy and cache-free greedy decoding vs unbatched reference loops), and the
+budget logic that picks the number of steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sg():
+    spec = importlib.util.spec_from_file_location("study_gpu", ROOT / "scripts" / "study_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_gpu"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_genre_labels(sg):
+    from peft_state_tuning import demo
+
+    order = list(dict.fromkeys(v.book for v in demo.load_kjv()))
+    g = sg.genre_of_books(order)
+    assert len(g) == 66 and set(g.values()) == set(sg.GENRES)
+    expect = {"Genesis": "law", "Deuteronomy": "law", "Joshua": "history", "Esther": "history", "Acts": "history",
+              "Job": "wisdom", "Song of Solomon": "wisdom", "Isaiah": "prophecy", "Lamentations": "prophecy",
+              "Malachi": "prophecy", "Revelation": "prophecy", "Matthew": "gospel", "John": "gospel",
+              "Romans": "letter", "Hebrews": "letter", "Jude": "letter"}  # fmt: skip
+    assert {b: g[b] for b in expect} == expect
+
+
+def test_genre_task_splits(sg):
+    from peft_state_tuning import demo
+
+    held = {(v.book, v.text) for v in demo.load_kjv() if demo.is_heldout(v)}
+    train, evaluation = sg.genre_task(20, 5, seed=0)
+    assert len(train) == 20 * 6 and len(evaluation) == 5 * 6
+    assert all((e["book"], e["prompt"].removesuffix("\nGenre:")) in held for e in evaluation)
+    assert not any((e["book"], e["prompt"].removesuffix("\nGenre:")) in held for e in train)
+    assert all(e["answer"] == f" {e['label']}\n" for e in train + evaluation)
+    assert sg.genre_task(20, 5, seed=0) == (train, evaluation)  # deterministic
+    assert sg.genre_task(20, 5, seed=1)[0] != train
+
+
+def test_make_task_fixed_eval_split(sg):
+    class A:
+        train_per_class, eval_per_class = 6, 2
+
+    t0, t1 = sg.make_task("book", A, 0), sg.make_task("book", A, 1)
+    assert t0["eval"] == t1["eval"] and t0["train"] != t1["train"]
+    assert t0["fewshot_prefix"].count("\nBook: ") == 8
+
+
+def test_wilson(sg):
+    lo, hi = sg.wilson(0.2, 100)
+    assert 0.13 < lo < 0.14 and 0.28 < hi < 0.30
+    assert sg.wilson(None, 10) is None
+
+
+def _tiny_model():
+    from modeling_rwkv7 import Rwkv7Config, Rwkv7ForCausalLM
+    from modeling_rwkv7.tokenization_rwkv7_bytes import (
+        BYTE_VOCAB_SIZE,
+        Rwkv7ByteTokenizer,
+    )
+
+    torch.manual_seed(0)
+    cfg = Rwkv7Config(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, head_dim=32, intermediate_size=128,
+                      decay_low_rank_dim=32, a_low_rank_dim=32, v_low_rank_dim=32, gate_low_rank_dim=32)  # fmt: skip
+    return Rwkv7ForCausalLM(cfg).eval(), Rwkv7ByteTokenizer()
+
+
+def test_batched_evaluation_matches_unbatched_loops(sg):
+    model, tok = _tiny_model()
+    rng = random.Random(0)
+    labels = ("law", "history", "wisdom")
+    task = {"labels": labels, "answer": lambda lab: f" {lab}\n",
+            "eval": [{"prompt": "".join(rng.choice("abc de") for _ in range(rng.randint(5, 30))) + "\nGenre:",
+                      "label": rng.choice(labels)} for _ in range(7)]}  # fmt: skip
+    # ranked: one sequence at a time, no padding
+    want = []
+    with torch.no_grad():
+        for e in task["eval"]:
+            p = tok.encode_text(e["prompt"])
+            scores = []
+            for lab in labels:
+                a = tok.encode_text(task["answer"](lab))
+                lp = model(input_ids=torch.tensor([p + a])).logits[0].log_softmax(-1)
+                scores.append(sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(a)))
+            want.append(labels[max(range(len(labels)), key=scores.__getitem__)])
+    got = sg.ranked_accuracy(model, tok, task, token_budget=200)  # several chunks
+    assert got["preds_head"] == want[:8]
+    # greedy: one sequence at a time, no padding
+    want = []
+    with torch.no_grad():
+        for e in task["eval"]:
+            ids = tok.encode_text(e["prompt"])
+            out = []
+            for _ in range(5):
+                t = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                if t in (tok.encode_text("\n")[0], 0):
+                    break
+                out.append(t)
+                ids = ids + [t]
+            want.append(tok.decode(out, skip_special_tokens=True))
+    assert sg.greedy_answers(model, tok, [e["prompt"] for e in task["eval"]], max_new=5, token_budget=90) == want
+
+
+def test_budget_picks_steps_and_drops_optional_phases(sg):
+    class A:
+        tasks, methods, large_methods, seeds = ["book", "genre"], list(sg.SMALL_METHODS), ["state", "lora"], [0, 1, 2]
+        max_steps, preferred_steps, min_steps = 300, 150, 30
+
+    plan = sg.build_plan(A)
+    assert [r["key"] for r in plan if r["phase"] == 0][:1] == ["book/small/state/seed0"]
+    keys = [r["key"] for r in plan]
+    assert keys.index("book/large/full/seed0") < keys.index("book/small/observer/seed0")
+    assert len(plan) == 2 * 9 + 4 + 4
+    cal = {"runs": {f"{r['base']}/{r['method']}": {"step": 0.05, "setup": 1.0, "fwd_factor": 1.0} for r in plan},
+           "eval": {f"{t}/{b}": 2.0 for t in A.tasks for b in ("small", "large")}}  # fmt: skip
+    steps, top = sg.choose_steps(plan, cal, 1e6, A)
+    assert (steps, top) == (300, 2)
+    fixed0 = sum(sg.estimate(r, 0, cal) for r in plan if r["phase"] == 0)
+    steps, top = sg.choose_steps(plan, cal, fixed0 + 18 * 0.05 * 160, A)  # core fits 160 steps, not all phases
+    assert top == 0 and steps == 160
+    steps, top = sg.choose_steps(plan, cal, fixed0 + 1.0, A)
+    assert (steps, top) == (30, 0)  # never below --min-steps
