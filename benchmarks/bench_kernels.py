@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import restrict_fla_autotune
+from common import RESULTS, restrict_fla_autotune
 
 SHAPES = [(8, 4096, 12, 64), (4, 4096, 32, 64), (1, 16384, 32, 64)]
 LOWER_BOUND = -0.6065306597
@@ -251,7 +251,7 @@ def plot(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", default="16,32,64", help="our chunk sizes to time")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results, from any cwd)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 8x4096x12x64,1x16384x32x64")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--plot-only", action="store_true")

@@ -86,8 +86,11 @@ class KernelMap(nn.Module):
         else:  # ||u_i - u_j||^2 = 2 - 2 u_i.u_j for unit rows
             gram = torch.exp(-self.gamma * (2 - 2 * dots).clamp_min(0.0))  # [H, M, M]
         eye = torch.eye(gram.shape[-1], device=gram.device)
-        # Q = U^T (K_UU + ridge I)^-1: kernel ridge regression from features back to R^N (Q phi(u_j) ~ u_j)
-        self.back.copy_(torch.linalg.solve(gram + ridge * eye, U).transpose(-1, -2))
+        # Q = U^T (K_UU + ridge I)^-1: kernel ridge regression from features back to R^N (Q phi(u_j) ~ u_j).
+        # K_UU + ridge I is symmetric positive definite: a Cholesky solve in fp64 (batched LU in fp32 failed
+        # once on CPU at M = 256 with "pivots must be >= 1").
+        chol = torch.linalg.cholesky((gram + ridge * eye).double())
+        self.back.copy_(torch.cholesky_solve(U.double(), chol).float().transpose(-1, -2))
 
     def _kernel(self, x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., H, N]`` (or ``[H, M', N]``) against U ``[H, M, N]`` -> ``[..., H, M]``."""

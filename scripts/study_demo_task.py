@@ -52,7 +52,7 @@ DEFAULT_LR = {
 }  # fmt: skip
 LABELS = {
     "state": "state tuning", "state_shift": "state + token shift", "upscaled": "upscaled state (M=128)",
-    "upscaled_dbp": "upscaled + DBP", "lora": "LoRA r=8", "prompt": "prompt tuning (16 tok)",
+    "upscaled_dbp": "upscaled (M=128) + DBP", "lora": "LoRA r=8", "prompt": "prompt tuning (16 tok)",
     "full": "full fine-tuning", "observer": "state + observer (full-FT model)",
 }  # fmt: skip
 
@@ -130,7 +130,8 @@ def run_method(method: str, a) -> dict:
     n_base = sum(p.numel() for p in base.parameters())
     train, evaluation = demo.book_task(a.train_per_book, a.eval_per_book, seed=a.seed)
     lr = a.lr if a.lr is not None else DEFAULT_LR[method]
-    result = {"method": method, "label": LABELS[method], "lr": lr, "base_parameters": n_base}
+    label = LABELS[method].replace("M=128", f"M={a.upscale_dim}") if method.startswith("upscaled") else LABELS[method]
+    result = {"method": method, "label": label, "lr": lr, "base_parameters": n_base}
 
     callbacks, optimizers, config_repr = [], (None, None), None
     if method in ("state", "state_shift", "upscaled", "upscaled_dbp", "observer"):
