@@ -109,6 +109,35 @@ def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Prologue of a serial kernel (one program per sequence x head, ``i_nh``): the sequence's token
+    bounds and the global index of its first chunk (where its chunk states are stored)."""
+    i_n = i_nh // H
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    if IS_VARLEN:
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, eos, first_chunk
+
+
+@triton.jit
+def _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Prologue of a one-program-per-chunk kernel: the first token of global chunk ``i_c`` and how many
+    tokens its sequence has from there (rows past that are padding)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        c = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        n_per_seq = tl.cdiv(T, BT)
+        i_n = i_c // n_per_seq
+        c = i_c % n_per_seq
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    t0 = bos + c * BT
+    return t0, eos - t0
+
+
+@triton.jit
 def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
     """``(I - A)^-1`` for strictly lower-triangular ``A`` [BT, BT].
 
@@ -157,12 +186,8 @@ def _fwd_kernel(
 ):
     """One program = V-columns ``[i_v*BV, (i_v+1)*BV)`` of the state of one (sequence, head); serial over chunks."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    if IS_VARLEN:
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    i_h = i_nh % H
+    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
 
@@ -241,16 +266,7 @@ def _prep_kernel(
     """One program = one chunk of one head: store ``P`` and, for the forward, ``C``, ``R``, ``Oc``;
     for the backward, ``DC = R^T do``. Statements are ordered so that tiles die early (registers)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + 2 * i_c)
-        c = tl.load(chunk_indices + 2 * i_c + 1)
-    else:
-        n_per_seq = tl.cdiv(T, BT)
-        i_n = i_c // n_per_seq
-        c = i_c % n_per_seq
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    t0 = bos + c * BT
-    nv = eos - t0
+    t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     rows = tl.arange(0, BT)
     kk = tl.arange(0, K)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
@@ -297,12 +313,8 @@ def _scan_fwd_kernel(
 ):
     """Serial over chunks, one program per (V-block, sequence, head): ``o = Oc + R h ; h <- P h + C``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    if IS_VARLEN:
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    i_h = i_nh % H
+    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
     kk = tl.arange(0, K)
@@ -337,12 +349,8 @@ def _scan_bwd_kernel(
 ):
     """Serial, last chunk first: store the gradient of each chunk's end state, ``dh <- P^T dh + R^T do``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    if IS_VARLEN:
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    i_h = i_nh % H
+    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
     soffs = _state_offsets(K, V, i_v * BV, BV)
     kk = tl.arange(0, K)
     if HAS_DHT:
@@ -376,12 +384,8 @@ def _bwd_state_kernel(
         du = A_rb^T do + bt dh ;  dx = T^T du ;  dh <- e^{g_last} dh + rg^T do + ag^T dx
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    if IS_VARLEN:
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    i_h = i_nh % H
+    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
 
@@ -434,16 +438,7 @@ def _bwd_grad_kernel(
     sum of ``dg`` plus the chunk-end terms.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + 2 * i_c)
-        c = tl.load(chunk_indices + 2 * i_c + 1)
-    else:
-        n_per_seq = tl.cdiv(T, BT)
-        i_n = i_c // n_per_seq
-        c = i_c % n_per_seq
-    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    t0 = bos + c * BT
-    nv = eos - t0
+    t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     rows = tl.arange(0, BT)
     causal = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]

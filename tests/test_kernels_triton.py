@@ -56,8 +56,15 @@ def test_matches_reference(B, T, H, N, chunk, h0_kind, dtype):
     assert_close_all(ours, ref, dtype)
 
 
+@pytest.mark.parametrize("form", ["transition", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_varlen_matches_reference(dtype):
+def test_varlen_matches_reference(dtype, form, monkeypatch):
+    """Both kernel forms: the transition form (pre-pass + scan, heads <= FAST_MAX_K) and the fused
+    serial kernels used for larger heads, forced here on a small head."""
+    from rwkv7_kernels import triton_wkv7
+
+    if form == "fused":
+        monkeypatch.setattr(triton_wkv7, "FAST_MAX_K", 0)
     xs = rwkv_inputs(1, 90, 2, 32, dtype, seed=3)
     cu = torch.tensor([0, 20, 21, 64, 90], dtype=torch.int32, device=DEVICE)  # includes a 1-token sequence
     h0 = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
