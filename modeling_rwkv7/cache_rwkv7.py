@@ -14,6 +14,8 @@ mutable version that ``forward(use_cache=True)`` and ``generate()`` update.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -77,9 +79,19 @@ class Rwkv7Cache:
         self.num_layers = num_layers
         self.state = Rwkv7State([None] * num_layers, [None] * num_layers, [None] * num_layers)
         self.seen_tokens = 0
+        # States of extensions of the time mix (``Rwkv7TimeMix.wkv_extension``, e.g. the upscaled
+        # branches of peft_state_tuning), keyed by the extension; ``[B, ...]`` tensors, reordered and
+        # expanded with the rest. The extension finds the cache through :func:`current_cache`.
+        self.extension_states: dict = {}
 
     def __len__(self) -> int:
         return self.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Every layer is a recurrent state, not a key/value cache: transformers' ``generate()`` reads this
+        (and then builds no causal masks and does not slice a prompt by cache length) when a cache is passed in."""
+        return [True] * self.num_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -94,6 +106,8 @@ class Rwkv7Cache:
             for i, x in enumerate(entries):
                 if x is not None:
                     entries[i] = fn(x)
+        for key, x in self.extension_states.items():
+            self.extension_states[key] = fn(x)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows of the beams that survive."""
@@ -104,3 +118,22 @@ class Rwkv7Cache:
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda x: x[indices])
+
+
+_CURRENT_CACHE: contextvars.ContextVar[Rwkv7Cache | None] = contextvars.ContextVar("rwkv7_current_cache", default=None)
+
+
+def current_cache() -> Rwkv7Cache | None:
+    """The cache that the running forward reads and updates (None outside a forward or without
+    ``use_cache``): how a ``wkv_extension`` keeps its own state next to the model's."""
+    return _CURRENT_CACHE.get()
+
+
+@contextlib.contextmanager
+def filling(cache: Rwkv7Cache | None):
+    """Make ``cache`` the :func:`current_cache` for the duration of one forward (thread- and task-local)."""
+    token = _CURRENT_CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _CURRENT_CACHE.reset(token)

@@ -79,6 +79,7 @@ def can_use_graph(model, input_ids, cache, kwargs) -> bool:
         and cache is not None
         and cache.seen_tokens > 0
         and all(x is not None for x in cache.state.wkv + cache.state.att_shift + cache.state.ffn_shift)
+        and not cache.extension_states  # an extension's Python-side state cannot live in a captured graph
         and not torch.is_grad_enabled()
         and not kwargs.get("output_hidden_states")
         and kwargs.get("labels") is None

@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput, logging
 
 from rwkv7_kernels import wkv7
 
-from .cache_rwkv7 import Rwkv7Cache, Rwkv7State
+from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
 from .graph_decode import DecodeGraph, can_use_graph
@@ -48,19 +48,22 @@ DECAY_SCALE = math.exp(-0.5)  # 0.6065306597126334
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """The previous token's features for every position: ``prev`` for the first (real) token.
+    """The previous real token's features for every position: ``prev`` where none precedes it.
 
     ``x`` is ``[B, T, C]``, ``prev`` ``[B, C]`` (or ``None`` for zeros), ``mask`` ``[B, T]`` bool with
-    ``False`` on padding. A token whose predecessor is padding sees ``prev``: with left padding that
-    is exactly the first real token.
+    ``False`` on padding. Padding is skipped wherever it is: left padding (the first real token sees
+    ``prev``) and padding inside a row (PEFT prompt tuning puts it between its virtual tokens and the
+    text: the first text token must see the last virtual token, as in the unpadded row).
     """
-    B, _, C = x.shape
+    B, T, C = x.shape
     prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype).expand(B, C)
-    shifted = torch.cat([prev[:, None], x[:, :-1]], dim=1)
-    if mask is not None:
-        prev_is_pad = torch.cat([mask.new_ones(B, 1), ~mask[:, :-1]], dim=1)
-        shifted = torch.where(prev_is_pad[..., None], prev[:, None], shifted)
-    return shifted
+    if mask is None:
+        return torch.cat([prev[:, None], x[:, :-1]], dim=1)
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    last_real = torch.where(mask, positions, -1).cummax(dim=1).values  # last real token at or before t
+    before = F.pad(last_real[:, :-1], (1, 0), value=-1)  # ... strictly before t (-1: none)
+    picked = x.gather(1, before.clamp(min=0)[..., None].expand(B, T, C))
+    return torch.where((before >= 0)[..., None], picked, prev[:, None])
 
 
 def last_real_token(x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +86,23 @@ def _readable_safetensors(path) -> bool:
         return os.path.getsize(path) > 8
     except Exception:  # noqa: BLE001 - any failure means the file is bad
         return False
+
+
+def _take_cache(cache, kwargs: dict) -> Rwkv7Cache | None:
+    """The ``cache`` argument, or the same under ``past_key_values`` (the name of older transformers,
+    and the one PEFT's prompt-learning methods read and write; ``prepare_inputs_for_generation``
+    passes both). Refuses what is not an :class:`Rwkv7Cache` with a message that says why."""
+    alias = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else alias
+    if cache is not None and not isinstance(cache, Rwkv7Cache):
+        raise TypeError(
+            f"RWKV-7 got a {type(cache).__name__} as its cache; it needs an Rwkv7Cache (a recurrent state). "
+            "If it comes from PEFT prefix tuning (PrefixTuningConfig) or another method that prepends keys/values "
+            "to attention KV caches: those need attention layers, which RWKV-7 does not have. Use prompt tuning "
+            "(peft.PromptTuningConfig, trainable embeddings before the input) or state tuning "
+            "(peft_state_tuning.StateTuningConfig, a trainable initial state) instead."
+        )
+    return cache
 
 
 def _fit_batch(state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -424,8 +444,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 :class:`Rwkv7State` or a list of per-layer WKV tensors ``[B or 1, H, K, V]`` (fp32,
                 flash-linear-attention layout). Gradients flow into it (state tuning).
         """
-        if "past_key_values" in kwargs and cache is None:  # the name used by older transformers
-            cache = kwargs.pop("past_key_values")
+        cache = _take_cache(cache, kwargs)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
@@ -461,7 +480,18 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         start = start or Rwkv7State.coerce(initial_state, self.config.num_hidden_layers)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        x, v_first = inputs_embeds, None
+        with filling(cache if use_cache else None):
+            x, all_hidden = self._run_blocks(inputs_embeds, start, mask, cache, use_cache, checkpointing, output_hidden_states)
+        x = self.ln_out(x)
+        if use_cache:
+            cache.seen_tokens += T
+        if not return_dict:
+            return tuple(t for t in (x, cache if use_cache else None, all_hidden) if t is not None)
+        return Rwkv7Output(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
+
+    def _run_blocks(self, x, start, mask, cache, use_cache, checkpointing, output_hidden_states):
+        B = x.shape[0]
+        v_first = None
         all_hidden = (x,) if output_hidden_states else None
         for i, block in enumerate(self.blocks):
             wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
@@ -479,12 +509,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 cache.update(i, wkv, att, ffn)
             if output_hidden_states:
                 all_hidden += (x,)
-        x = self.ln_out(x)
-        if use_cache:
-            cache.seen_tokens += T
-        if not return_dict:
-            return tuple(t for t in (x, cache if use_cache else None, all_hidden) if t is not None)
-        return Rwkv7Output(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
+        return x, all_hidden
 
 
 class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
@@ -530,7 +555,7 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
 
         One-token decoding steps with a cache on CUDA (``generate()``) replay a captured CUDA graph
         (see ``graph_decode.py``); the result is the same as the eager path."""
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        cache = _take_cache(cache, kwargs)
         if return_dict is not False and can_use_graph(
             self, input_ids, cache, dict(kwargs, labels=labels, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
         ):
@@ -606,22 +631,50 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         initial_state=None,
         use_cache: bool = True,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool = False,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens that the cache has not seen yet (the whole prompt at first)."""
+        """Feed only the tokens that the cache has not seen yet (the whole prompt at first).
+
+        A decoding step (the cache holds the prompt, and generate() appended tokens since) feeds
+        the last ``next_sequence_length`` tokens of ``input_ids`` (generate()'s own count: 1, more
+        in assisted decoding). The count is not derived from ``cache.seen_tokens``: the cache also
+        holds positions that were fed as ``inputs_embeds`` and are not in ``input_ids`` (a prompt
+        given as embeddings; PEFT prompt tuning's virtual tokens), so slicing ``input_ids`` by it
+        would drop the new tokens.
+        """
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_values", None)
-        for unused in ("cache_position", "position_ids", "next_sequence_length", "is_first_iteration"):
+        for unused in ("cache_position", "position_ids"):
             kwargs.pop(unused, None)
         seen = cache.seen_tokens if cache is not None else 0
+        decoding = seen > 0 and not is_first_iteration
         model_inputs: dict = {"cache": cache, "use_cache": use_cache, "initial_state": initial_state}
-        if inputs_embeds is not None and seen == 0:
+        if decoding:
+            model_inputs["input_ids"] = input_ids[:, -(next_sequence_length or 1) :]
+            # PEFT's prompt-learning methods (PeftModelForCausalLM.prepare_inputs_for_generation)
+            # look for the cache under this name only: without it they would take every step for
+            # the first one and prepend the virtual tokens again. The forward accepts the alias.
+            model_inputs["past_key_values"] = cache
+            # No attention mask: generate() extends it with ones for every token it appends, so a
+            # decoding step's mask is all ones (padding only matters in the prompt, and is already
+            # in the state; the CUDA-graph step relies on this too). Passing it would also make
+            # PEFT prepend num_virtual_tokens columns to it, a layout that fits attention models
+            # (a mask over past + new tokens), not ours (a mask over the new tokens only).
+            attention_mask = None
+        elif inputs_embeds is not None and seen == 0:
+            if input_ids.shape[1] and not use_cache:
+                # No cache: each step recomputes everything, i.e. the prompt embeddings followed
+                # by the tokens generated so far (generate()'s input_ids holds only those).
+                inputs_embeds = torch.cat([inputs_embeds, self.get_input_embeddings()(input_ids)], dim=1)
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
+            # The prompt; when continuing from a cache that already holds its beginning, the rest.
             model_inputs["input_ids"] = input_ids[:, seen:] if seen else input_ids
         if attention_mask is not None:
-            new_tokens = (model_inputs.get("input_ids", inputs_embeds)).shape[1]
+            new_tokens = (model_inputs.get("input_ids", model_inputs.get("inputs_embeds"))).shape[1]
             model_inputs["attention_mask"] = attention_mask[:, -new_tokens:]
         model_inputs.update(kwargs)
         return model_inputs

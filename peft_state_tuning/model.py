@@ -411,16 +411,14 @@ class StateTuningModel(BaseTuner):
         """Pass the adapters' states as the model's ``initial_state`` (unless the caller gave one)."""
         if kwargs.get("initial_state") is None:
             kwargs["initial_state"] = self.initial_state(self._batch_size(args, kwargs))
-        self._no_cache_for_upscaled(kwargs)
+        self._ensure_upscaled_branches()
 
-    def _no_cache_for_upscaled(self, kwargs) -> None:
-        """A recurrence-mode upscaled state runs outside the cache (upscaling.py): decode without it.
-        Also puts its branches back into the base model if ``unload()`` took them out."""
+    def _ensure_upscaled_branches(self) -> None:
+        """Put the recurrence-mode upscaled branches back into the base model if ``unload()`` took them out."""
         from .upscaling import install_branch, uses_recurrence
 
         if uses_recurrence(self):
             install_branch(self, self.model)
-            kwargs.setdefault("use_cache", False)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling_rwkv7.cache_rwkv7 import current_cache
 from rwkv7_kernels import wkv7
 
 KERNELS = ("gaussian", "linear")
@@ -130,9 +131,10 @@ class KernelMap(nn.Module):
             return torch.einsum("...hn,hnm->...hm", r.float(), self.back)  # o = S^T (Q^T r)
         return self.features_r(r)
 
-    def run(self, S: torch.Tensor, r, log_w, kk, iclr, mask) -> torch.Tensor:
+    def run(self, S: torch.Tensor, r, log_w, kk, iclr, mask, output_final_state: bool = False):
         """The upscaled recurrence (eq. U6): o_t = Q (S_t^T r~_t), S_0 = S, S_t = S_{t-1} after the
-        transition diag(w~_t) + b~_t a~_t^T with no write (k = v = 0). Returns ``[B, T, H, N]`` fp32."""
+        transition diag(w~_t) + b~_t a~_t^T with no write (k = v = 0). Returns ``o`` ``[B, T, H, N]`` fp32
+        and, when asked, the state after the last token ``[B, H, M, M]`` (for the cache), else None."""
         r_t = self.features_r(r)
         w_t = self.mix_channels(log_w)  # convex combination of log decays: stays in RWKV-7's range
         kap = self.features_kk(kk)
@@ -142,8 +144,8 @@ class KernelMap(nn.Module):
             a_t, b_t = a_t.masked_fill(~keep, 0.0), b_t.masked_fill(~keep, 0.0)
             w_t = w_t.masked_fill(~keep, 0.0)
         zeros = torch.zeros_like(r_t)
-        o, _ = wkv7(r_t, w_t, zeros, zeros, a_t, b_t, initial_state=S.float())
-        return self.project_back(o.float())
+        o, final = wkv7(r_t, w_t, zeros, zeros, a_t, b_t, initial_state=S.float(), output_final_state=output_final_state)
+        return self.project_back(o.float()), final
 
 
 def random_support(num_heads: int, head_dim: int, dim: int, seed: int) -> torch.Tensor:
@@ -259,25 +261,28 @@ class UpscaledBranch:
         layer = module.layer_idx
         rows = tuner._row_adapters
         names = [n for n in tuner.active_adapters if n in tuner.adapter_states] if rows is None else list(dict.fromkeys(rows))
+        # With a cache (generate(), demo scoring) each adapter's branch state after the tokens read so far
+        # is kept in it, next to the model's own state, so decoding continues from there instead of S_0.
+        cache = current_cache()
+        continuing = cache is not None and cache.seen_tokens > 0
         total = None
         for name in names:
             states = tuner.adapter_states[name] if name in tuner.adapter_states else None
             if states is None or getattr(states, "upscale_mode", None) != "recurrence" or str(layer) not in states.wkv_up:
                 continue
-            S = states.effective_up(layer)[None]  # [1, H, M, M]
-            if rows is not None:
-                sel = torch.tensor([n == name for n in rows], device=S.device, dtype=S.dtype)
-                S = S * sel[:, None, None, None]
-            out = states.upscale[str(layer)].run(S, r, log_w, kk, iclr, mask)
+            key = ("peft_state_tuning.upscaled", name, layer)
+            if continuing and key in cache.extension_states:
+                S = cache.extension_states[key]  # [B, H, M, M]: rows of other adapters stay 0 (no write)
+            else:
+                S = states.effective_up(layer)[None]  # [1, H, M, M]
+                if rows is not None:
+                    sel = torch.tensor([n == name for n in rows], device=S.device, dtype=S.dtype)
+                    S = S * sel[:, None, None, None]
+            keep_final = cache is not None and output_final_state
+            out, final = states.upscale[str(layer)].run(S, r, log_w, kk, iclr, mask, output_final_state=keep_final)
+            if keep_final:
+                cache.extension_states[key] = final.expand(r.shape[0], *final.shape[1:]).contiguous()
             total = out if total is None else total + out
-        if total is not None and output_final_state and not getattr(tuner, "_warned_upscaled_cache", False):
-            import warnings
-
-            warnings.warn(
-                "use_cache=True with a recurrence-mode upscaled state: the returned cache holds the base WKV state only "
-                "(the upscaled branch's state is not carried). generate() of the PEFT model disables the cache for you."
-            )
-            tuner._warned_upscaled_cache = True
         return total
 
 

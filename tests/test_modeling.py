@@ -130,6 +130,18 @@ def test_beam_search_and_sampling(converted):
     assert sampled.shape == (4, 10)
 
 
+def test_generate_continues_from_a_cache_passed_in(converted):
+    """A conversation's cache (the state after its first tokens) passed to generate() with the whole
+    history gives the tokens of generating from scratch: only the unseen tokens are read."""
+    _, _, model, _ = converted
+    ids = torch.randint(1, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True).cache
+        continued = model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
+        scratch = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(continued, scratch)
+
+
 def test_initial_state_gets_gradient_with_and_without_checkpointing(converted):
     _, _, model, _ = converted
     cfg = model.config

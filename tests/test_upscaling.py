@@ -143,7 +143,7 @@ def test_mixed_batch_and_generate(base_dir):
             torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
         model.set_adapter("up")
         greedy = model.generate(input_ids=x[:1], max_new_tokens=4, do_sample=False)
-        # greedy decoding equals step-by-step argmax of full forwards (the upscaled branch has no cache)
+        # greedy decoding (through the cache) equals step-by-step argmax of full forwards
         seq = x[:1]
         for _ in range(4):
             seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
@@ -161,3 +161,31 @@ def test_unload_gives_the_plain_base_back(base_dir):
         plain = model.unload()
         assert torch.equal(plain(x).logits, reference)  # the upscaled branch is gone from the base
         assert torch.equal(model(x).logits, tuned)  # and back for the PEFT model's next call
+
+
+def test_upscaled_branch_state_is_carried_in_the_cache(base_dir):
+    """Prefill + one token at a time through the cache gives the logits of the full sequence, per row
+    of a mixed batch (the branch's state after the prompt lives in the cache), and generate() with
+    and without the cache agree."""
+    model = get_peft_model(load_base(base_dir), StateTuningConfig(upscale_dim=16), adapter_name="up")
+    model.add_adapter("up2", StateTuningConfig(upscale_dim=32, kernel_gamma=0.5))
+    fill(model.base_model.adapter_states["up"].wkv_up, 11)
+    fill(model.base_model.adapter_states["up2"].wkv_up, 12)
+    x = ids(3, 9, seed=13)
+    names = ["up", "up2", "__base__"]
+    with torch.no_grad():
+        full = model(x, adapter_names=names, use_cache=False).logits
+        out = model(x[:, :5], adapter_names=names, use_cache=True)
+        steps, cache = [out.logits], out.cache
+        assert len(cache.extension_states) == 2 * len(model.base_model.adapter_states["up"].wkv_up)
+        for t in range(5, 9):
+            out = model(x[:, t : t + 1], adapter_names=names, cache=cache, use_cache=True)
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+        model.set_adapter("up2")
+        with_cache = model.generate(input_ids=x[:2], max_new_tokens=5, do_sample=False)
+        without = model.generate(input_ids=x[:2], max_new_tokens=5, do_sample=False, use_cache=False)
+        beams = model.generate(input_ids=x[:1], max_new_tokens=4, num_beams=3, do_sample=False)
+        beams_nc = model.generate(input_ids=x[:1], max_new_tokens=4, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(beams, beams_nc)
