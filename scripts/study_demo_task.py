@@ -302,12 +302,13 @@ def main(argv=None) -> int:
     js, png = Path(a.json), Path(a.png)
     js.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(js.read_text()) if js.exists() else {"methods": {}}
-    data["settings"] = {
-        "model": "peft_state_tuning.demo.EMBEDDED_MODEL_DIR (3.6 M params)", "task": "demo.book_task",
-        "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed, "train_per_book": a.train_per_book,
-        "eval_per_book": a.eval_per_book, "eval_examples": 8 * a.eval_per_book, "schedule": "cosine, warmup min(10, steps//10), AdamW, wd 0",
-        "device": "this project's CPU machine, 2 cores", "threads": a.threads,
-    }  # fmt: skip
+    if not a.plot_only:  # a redraw must not relabel the stored results with this call's defaults
+        data["settings"] = {
+            "model": "peft_state_tuning.demo.EMBEDDED_MODEL_DIR (3.6 M params)", "task": "demo.book_task",
+            "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed, "train_per_book": a.train_per_book,
+            "eval_per_book": a.eval_per_book, "eval_examples": 8 * a.eval_per_book, "schedule": "cosine, warmup min(10, steps//10), AdamW, wd 0",
+            "device": "this project's CPU machine, 2 cores", "threads": a.threads,
+        }  # fmt: skip
     data["chance"] = 1 / 8
     if not a.plot_only:
         for m in a.methods:
