@@ -122,6 +122,21 @@ def _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H: tl.constexpr, BT: tl.
 
 
 @triton.jit
+def _load_initial_state(h0, i_nh, i_h, soffs, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                        HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr):
+    """A serial kernel's starting state (its V-columns ``soffs``): zeros, the sequence's own, or one
+    ``[1, H, K, V]`` state shared by every sequence (``H0_BCAST``)."""
+    if HAS_H0:
+        if H0_BCAST:
+            h = tl.load(h0 + i_h * (K * V) + soffs)
+        else:
+            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
+    else:
+        h = tl.zeros([K, BV], dtype=tl.float32)
+    return h
+
+
+@triton.jit
 def _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Prologue of a one-program-per-chunk kernel: the first token of global chunk ``i_c`` and how many
     tokens its sequence has from there (rows past that are padding)."""
@@ -191,13 +206,7 @@ def _fwd_kernel(
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
 
-    if HAS_H0:
-        if H0_BCAST:  # one [1, H, K, V] state shared by every sequence
-            h = tl.load(h0 + i_h * (K * V) + soffs)
-        else:
-            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
-    else:
-        h = tl.zeros([K, BV], dtype=tl.float32)
+    h = _load_initial_state(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
 
     for c in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
@@ -319,13 +328,7 @@ def _scan_fwd_kernel(
     soffs = _state_offsets(K, V, col0, BV)
     kk = tl.arange(0, K)
     rows = tl.arange(0, BT)
-    if HAS_H0:
-        if H0_BCAST:
-            h = tl.load(h0 + i_h * (K * V) + soffs)
-        else:
-            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
-    else:
-        h = tl.zeros([K, BV], dtype=tl.float32)
+    h = _load_initial_state(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         cbase = (first_chunk + c) * H + i_h
         if STORE_STATES:
