@@ -32,7 +32,7 @@ class StateTuningConfig(PeftConfig):
         state_initialized: bookkeeping; ``True`` in saved adapters, so that loading one does not
             re-run ``init`` (the saved states replace it anyway).
         base_model_fingerprint: a short hash of the frozen base the adapter was saved with (written by
-            ``save_pretrained``, see ``peft_state_tuning.model.base_model_fingerprint``). Loading the adapter
+            ``save_pretrained``, see ``peft_state_tuning.fingerprint.base_model_fingerprint``). Loading the adapter
             onto a base with another fingerprint raises a ``ValueError`` (set the environment variable
             ``RWKV7_STATE_TUNING_ALLOW_OTHER_BASE=1`` to load it anyway). ``None`` (adapters saved before
             this field existed): not checked.

@@ -198,7 +198,7 @@ def record_base_fingerprint(peft_model: PeftModel) -> None:
     the adapter onto another base fails clearly (``StateTuningModel`` checks it on load). Computed at save
     time, from the base the states were trained with; when it cannot be computed (offloaded or partitioned
     weights) the value already there is kept."""
-    from .model import base_model_fingerprint
+    from .fingerprint import base_model_fingerprint
 
     fingerprint = base_model_fingerprint(peft_model.get_base_model())
     if fingerprint is None:

@@ -29,7 +29,7 @@ from modeling_rwkv7 import Rwkv7State, convert_rwkv_checkpoint, get_world_tokeni
 from modeling_rwkv7.convert import CheckpointFormatError, load_official_checkpoint
 from modeling_rwkv7.tokenization_rwkv7_bytes import Rwkv7ByteTokenizer
 from peft_state_tuning import AdapterFormatError, StateTuningConfig, load_rwkv_state
-from peft_state_tuning.model import ALLOW_OTHER_BASE_ENV, base_model_fingerprint
+from peft_state_tuning.fingerprint import ALLOW_OTHER_BASE_ENV, base_model_fingerprint
 
 from checkpoints import random_official_state_dict, write_official_checkpoint
 
