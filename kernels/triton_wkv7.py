@@ -122,15 +122,16 @@ def _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _load_initial_state(h0, i_nh, i_h, soffs, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                        HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr):
-    """A serial kernel's starting state (its V-columns ``soffs``): zeros, the sequence's own, or one
-    ``[1, H, K, V]`` state shared by every sequence (``H0_BCAST``)."""
-    if HAS_H0:
-        if H0_BCAST:
-            h = tl.load(h0 + i_h * (K * V) + soffs)
+def _load_state_block(ptr, i_nh, i_h, soffs, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                      PRESENT: tl.constexpr, BCAST: tl.constexpr):
+    """What a serial kernel starts its scan from (the initial state, or the final state's gradient), for
+    its V-columns ``soffs``: zeros when absent, else the sequence's own ``[K, V]`` state, or one
+    ``[1, H, K, V]`` state shared by every sequence (``BCAST``)."""
+    if PRESENT:
+        if BCAST:
+            h = tl.load(ptr + i_h * (K * V) + soffs)
         else:
-            h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + soffs)
+            h = tl.load(ptr + i_nh.to(tl.int64) * (K * V) + soffs)
     else:
         h = tl.zeros([K, BV], dtype=tl.float32)
     return h
@@ -206,7 +207,7 @@ def _fwd_kernel(
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
 
-    h = _load_initial_state(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
+    h = _load_state_block(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
 
     for c in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
@@ -328,7 +329,7 @@ def _scan_fwd_kernel(
     soffs = _state_offsets(K, V, col0, BV)
     kk = tl.arange(0, K)
     rows = tl.arange(0, BT)
-    h = _load_initial_state(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
+    h = _load_state_block(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         cbase = (first_chunk + c) * H + i_h
         if STORE_STATES:
@@ -356,10 +357,7 @@ def _scan_bwd_kernel(
     bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
     soffs = _state_offsets(K, V, i_v * BV, BV)
     kk = tl.arange(0, K)
-    if HAS_DHT:
-        dh = tl.load(dht + i_nh.to(tl.int64) * (K * V) + soffs)
-    else:
-        dh = tl.zeros([K, BV], dtype=tl.float32)
+    dh = _load_state_block(dht, i_nh, i_h, soffs, K, V, BV, HAS_DHT, False)
     n_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, n_chunks):
         cbase = (first_chunk + n_chunks - 1 - i) * H + i_h
@@ -392,10 +390,7 @@ def _bwd_state_kernel(
     col0 = i_v * BV
     soffs = _state_offsets(K, V, col0, BV)
 
-    if HAS_DHT:
-        dh = tl.load(dht + i_nh.to(tl.int64) * (K * V) + soffs)
-    else:
-        dh = tl.zeros([K, BV], dtype=tl.float32)
+    dh = _load_state_block(dht, i_nh, i_h, soffs, K, V, BV, HAS_DHT, False)
 
     n_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, n_chunks):

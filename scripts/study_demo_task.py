@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import study_methods  # noqa: E402  (the methods, built as in study_gpu.py)
+
 DEFAULT_JSON = ROOT / "docs" / "results" / "study_demo_task.json"
 DEFAULT_PNG = ROOT / "docs" / "results" / "study_demo_task.png"
 
@@ -114,12 +117,11 @@ def run_method(method: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     from datasets import Dataset
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
     from transformers import get_cosine_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
-    from peft_state_tuning import DecorrelatedOptimizer, ObserverCallback, StateTuningConfig, demo
+    from peft_state_tuning import DecorrelatedOptimizer, ObserverCallback, demo
 
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
@@ -134,41 +136,9 @@ def run_method(method: str, a) -> dict:
     result = {"method": method, "label": label, "lr": lr, "base_parameters": n_base}
 
     callbacks, optimizers, config_repr = [], (None, None), None
-    if method in ("state", "state_shift", "upscaled", "upscaled_dbp", "observer"):
-        cfg = StateTuningConfig(
-            tune_token_shift=(method == "state_shift"),
-            upscale_dim=a.upscale_dim if method.startswith("upscaled") else None,
-        )
-        model = get_peft_model(base, cfg)
-        config_repr = {k: getattr(cfg, k) for k in ("tune_token_shift", "upscale_dim", "upscale_mode", "kernel",
-                                                     "kernel_gamma", "support_vectors")}  # fmt: skip
-    elif method == "lora":
-        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*\.att\.(receptance|key|value|output)",
-                         task_type="CAUSAL_LM")  # fmt: skip
-        model = get_peft_model(base, cfg)
-        config_repr = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": cfg.target_modules}
-    elif method == "prompt":
-        config_repr = {"num_virtual_tokens": 16}
-        try:  # as the brief asks: the plain config first; record what happens
-            model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16))
-        except Exception as e:  # noqa: BLE001
-            config_repr["plain_config_error"] = f"{type(e).__name__}: {e}"
-            # Rwkv7Config has no num_attention_heads, which PEFT reads for prompt learning: pass the shape.
-            c = base.config
-            cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, token_dim=c.hidden_size,
-                                     num_layers=c.num_hidden_layers, num_attention_heads=c.hidden_size // c.head_dim,
-                                     num_transformer_submodules=1)  # fmt: skip
-            model = get_peft_model(base, cfg)
-            config_repr["explicit"] = {"token_dim": c.hidden_size, "num_layers": c.num_hidden_layers,
-                                       "num_attention_heads": c.hidden_size // c.head_dim}  # fmt: skip
-    elif method == "full":
-        model = base
-        for p in model.parameters():
-            p.requires_grad_(True)
-        config_repr = {"all_weights": True}
-    else:
-        raise ValueError(method)
-
+    # observer = plain state tuning + the callback; upscaled_dbp = upscaled + DBP (below)
+    kind = {"observer": "state", "upscaled_dbp": "upscaled"}.get(method, method)
+    model, config_repr = study_methods.wrap(base, kind, upscale_dim=a.upscale_dim)
     if method == "observer":
         obs_dir = Path(a.work_dir) / "full_model"
         if not (obs_dir / "config.json").exists():

@@ -70,6 +70,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import study_methods  # noqa: E402  (the methods, built as in study_demo_task.py)
+
 T_START = time.perf_counter()
 
 
@@ -371,7 +374,6 @@ def run_one(ctx: dict, task: dict, base: str, method: str, seed: int, steps: int
             observer=None) -> dict:  # fmt: skip
     """Train ``method`` on ``base`` for ``steps`` steps of ``task`` and evaluate it; returns the result dict and
     (for ``full`` on the large base) keeps the trained model in ctx['teachers'] for the observer."""
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import (
         Trainer,
         TrainingArguments,
@@ -380,11 +382,7 @@ def run_one(ctx: dict, task: dict, base: str, method: str, seed: int, steps: int
     )
     from transformers.trainer_callback import PrinterCallback
 
-    from peft_state_tuning import (
-        DecorrelatedOptimizer,
-        ObserverCallback,
-        StateTuningConfig,
-    )
+    from peft_state_tuning import DecorrelatedOptimizer, ObserverCallback
 
     a, device, tok = ctx["args"], ctx["device"], ctx["tok"]
     t0 = time.perf_counter()
@@ -399,33 +397,10 @@ def run_one(ctx: dict, task: dict, base: str, method: str, seed: int, steps: int
     res = {"task": task["name"], "base": base, "method": method, "label": LABELS.get(method, method), "seed": seed,
            "lr": lr, "steps": steps, "batch_size": a.batch_size}  # fmt: skip
     callbacks, optimizers, cfg_repr, opt = [], (None, None), {}, None
-    if method == "state" or method == "observer" or method.startswith("upscaled"):
-        upscale = int(method.split("_")[1]) if method.startswith("upscaled") else None
-        cfg = StateTuningConfig(upscale_dim=upscale, upscale_seed=seed)
-        model = get_peft_model(model, cfg)
-        cfg_repr = {"upscale_dim": upscale, "upscale_mode": cfg.upscale_mode, "kernel": cfg.kernel,
-                    "kernel_gamma": cfg.kernel_gamma, "support_vectors": cfg.support_vectors}  # fmt: skip
-    elif method == "lora":
-        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*\.att\.(receptance|key|value|output)",
-                         task_type="CAUSAL_LM")  # fmt: skip
-        model = get_peft_model(model, cfg)
-        cfg_repr = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": cfg.target_modules}
-    elif method == "prompt":
-        cfg_repr = {"num_virtual_tokens": 16}
-        try:
-            model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16))
-        except Exception as e:  # noqa: BLE001  (older Rwkv7Config without num_attention_heads)
-            c = model.config
-            cfg_repr["plain_config_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            model = get_peft_model(model, PromptTuningConfig(
-                task_type="CAUSAL_LM", num_virtual_tokens=16, token_dim=c.hidden_size, num_layers=c.num_hidden_layers,
-                num_attention_heads=c.hidden_size // c.head_dim, num_transformer_submodules=1))  # fmt: skip
-    elif method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        cfg_repr = {"all_weights": True}
-    else:
-        raise ValueError(method)
+    # observer = plain state tuning + the callback; upscaled_<M>[_dbp] = upscaled M (+ DBP below)
+    kind = "state" if method == "observer" else "upscaled" if method.startswith("upscaled") else method
+    upscale = int(method.split("_")[1]) if kind == "upscaled" else None
+    model, cfg_repr = study_methods.wrap(model, kind, upscale_dim=upscale, upscale_seed=seed)
     model.to(device)
     if method == "observer":
         if observer is None:
