@@ -630,8 +630,8 @@ def plot(data: dict, png: Path) -> None:
                 ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
     # last row: pretraining curve, seeds, claim
     ax = axes[-1][0]
-    pre = data["bases"]["large"].get("pretrain", {})
-    if pre.get("train_curve"):
+    pre = data["bases"]["large"].get("pretrain")
+    if isinstance(pre, dict) and pre.get("train_curve"):  # a string when the base was given (--large-model)
         ax.plot([p[0] for p in pre["train_curve"]], [p[1] for p in pre["train_curve"]], lw=1, label="train")
         ax.plot([p[0] for p in pre["val_curve"]], [p[1] for p in pre["val_curve"]], "o-", ms=3, label="held-out")
         ax.set_ylim(top=min(4.0, max(p[1] for p in pre["train_curve"])))
