@@ -97,3 +97,19 @@ def load_base(folder: str | os.PathLike):
 def random_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     """Token ids in [1, vocab) (no end-of-text), reproducible."""
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_rows_match_alone(model, x: torch.Tensor, names: list[str]) -> None:
+    """A PEFT model's logits for a batch with ``adapter_names=names`` equal, row by row, those of each
+    row run alone with its adapter active (``"__base__"``: adapters disabled). Leaves the last
+    named adapter active."""
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(x[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(x[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
