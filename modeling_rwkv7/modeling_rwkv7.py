@@ -35,6 +35,7 @@ from rwkv7_kernels import wkv7
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
+from .compiled_blocks import compiled, wants_compiled
 from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
@@ -175,6 +176,9 @@ class Rwkv7TimeMix(nn.Module):
     def __init__(self, config: Rwkv7Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        # Branches read this bool, not layer_idx: a compiled block then shares one graph with every
+        # other block except the first (see compiled_blocks.py).
+        self.is_first = layer_idx == 0
         C, H, N = config.hidden_size, config.num_heads, config.head_dim
         self.num_heads, self.head_dim = H, N
         vec = lambda: nn.Parameter(torch.zeros(1, 1, C))  # noqa: E731
@@ -219,7 +223,7 @@ class Rwkv7TimeMix(nn.Module):
         log_w = -DECAY_SCALE * torch.sigmoid(d)
         k = self.key(xk)
         v = self.value(xv)
-        if self.layer_idx == 0:
+        if self.is_first:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
@@ -239,15 +243,7 @@ class Rwkv7TimeMix(nn.Module):
             k_w, v_w, a_, b_ = (t.masked_fill(~keep, 0.0) for t in (k_, v_, a_, b_))
         else:
             k_w, v_w = k_, v_
-        o, wkv_final = wkv7(
-            r_, log_w, k_w, v_w, a_, b_,
-            initial_state=wkv_state,
-            output_final_state=output_final_state,
-        )
-        if self.wkv_extension is not None:
-            extra = self.wkv_extension(self, r_, log_w, kk, iclr_, mask, output_final_state)
-            if extra is not None:
-                o = o + extra.to(o.dtype)
+        o, wkv_final = self._wkv(r_, log_w, k_w, v_w, a_, b_, kk, iclr_, wkv_state, mask, output_final_state)
         o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         o = o.view(B, T, C).to(x.dtype)
         bonus = (r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_
@@ -255,6 +251,17 @@ class Rwkv7TimeMix(nn.Module):
         out = self.output(o * g)
         shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
         return out, v_first, wkv_final, shift_final
+
+    @torch.compiler.disable
+    def _wkv(self, r, log_w, k, v, a, b, kk, iclr, wkv_state, mask, output_final_state):
+        """The WKV recurrence (+ the upscaled states' extension): kept out of compiled graphs, since it is
+        our own Triton autograd Function and the extension reads the cache being filled."""
+        o, wkv_final = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=output_final_state)
+        if self.wkv_extension is not None:
+            extra = self.wkv_extension(self, r, log_w, kk, iclr, mask, output_final_state)
+            if extra is not None:
+                o = o + extra.to(o.dtype)
+        return o, wkv_final
 
 
 class Rwkv7ChannelMix(nn.Module):
@@ -277,6 +284,7 @@ class Rwkv7Block(nn.Module):
     def __init__(self, config: Rwkv7Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.is_first = layer_idx == 0
         if layer_idx == 0:
             self.ln0 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
@@ -288,7 +296,7 @@ class Rwkv7Block(nn.Module):
         """Returns ``(x, v_first, wkv_final, att_shift_final, ffn_shift_final)`` (finals ``None``
         unless ``output_final_state``). Every state is an explicit argument, so a checkpointed
         replay sees the same tensors and their gradients flow."""
-        if self.layer_idx == 0:
+        if self.is_first:
             x = self.ln0(x)
         att_out, v_first, wkv_final, att_final = self.att(
             self.ln1(x), v_first, wkv_state, att_shift, mask, output_final_state
@@ -413,6 +421,9 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         self.blocks = nn.ModuleList(Rwkv7Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
+        # None: compile the blocks for CUDA inputs of more than one token; True/False: always/never
+        # (compiled_blocks.py; the environment variable RWKV7_COMPILE overrides both).
+        self.compile_blocks: bool | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -493,7 +504,9 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         B = x.shape[0]
         v_first = None
         all_hidden = (x,) if output_hidden_states else None
+        use_compiled = wants_compiled(self.compile_blocks, x)
         for i, block in enumerate(self.blocks):
+            run = compiled(block) if use_compiled else block
             wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
             wkv0 = _fit_batch(wkv0, B)
             att0, ffn0 = _fit_batch(att0, B), _fit_batch(ffn0, B)
@@ -501,10 +514,10 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 wkv0 = wkv0.float()
             if checkpointing:
                 x, v_first, wkv, att, ffn = self._gradient_checkpointing_func(
-                    block.__call__, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
+                    run.__call__, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
                 )
             else:
-                x, v_first, wkv, att, ffn = block(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache))
+                x, v_first, wkv, att, ffn = run(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache))
             if use_cache:
                 cache.update(i, wkv, att, ffn)
             if output_hidden_states:

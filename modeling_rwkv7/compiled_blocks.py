@@ -1,0 +1,67 @@
+"""Regional ``torch.compile`` of the RWKV-7 blocks (CUDA training and prefill).
+
+Why: outside the WKV kernel a block is a long chain of small elementwise ops (token shift, six lerps,
+sigmoids, the L2 norm of ``kk``, GroupNorm, bonus, gate, ReLU^2, residuals). Eagerly each one reads and
+writes a ``[B, T, C]`` tensor, forward and backward; at the 0.1B shape with B = 8, T = 4096 they took
+about 200 ms of a 252 ms state-tuning step on an H100 (benchmarks/bench_train.py), against 52 ms in the
+WKV kernels. Inductor fuses these chains into a few kernels, and its partitioner keeps fewer activations
+for the backward.
+
+How: each block is compiled as a region (``torch.compile(block)``, the pattern PyTorch documents as
+"regional compilation"): blocks 1..L-1 share one compiled graph (module parameters are graph inputs),
+block 0 (which owns ``ln0`` and the value residual) gets its own. The WKV call itself is excluded
+(``torch.compiler.disable`` in ``Rwkv7TimeMix._wkv``): it is our Triton autograd Function, and the upscaled
+states' extension reads the cache that is being filled.
+
+When: automatically for CUDA inputs with more than one token (a decode step is a CUDA graph or a
+one-token eager step already; compiling it would only add recompilations), unless a CUDA graph is being
+captured or the caller already compiles the whole model. Override with ``model.model.compile_blocks``
+(``True`` / ``False``; ``None`` = automatic) or the environment variable ``RWKV7_COMPILE`` (``0`` / ``1``;
+``1`` also compiles on CPU, where tests use ``RWKV7_COMPILE_BACKEND=aot_eager`` since Inductor needs a C++
+compiler there). The first step of a new shape compiles (tens of seconds on a GPU); later steps reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from torch import nn
+
+# Compiled callables per block, outside the module tree: storing them as attributes would register
+# them as submodules and change the state-dict keys.
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+# Variants that each need their own graph: first block or not, padding mask or not, final state or
+# not, grad or no-grad, checkpoint replay; dynamo's default of 8 graphs per code object is too few.
+_RECOMPILE_LIMIT = 64
+
+
+def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
+    """Whether the blocks should run compiled for the hidden states ``x`` (``[B, T, C]``)."""
+    env = os.environ.get("RWKV7_COMPILE", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if torch.compiler.is_compiling():  # the caller compiles the whole model: nothing to add
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if setting is not None:
+        return bool(setting)
+    return x.is_cuda and x.shape[1] > 1
+
+
+def compiled(block: nn.Module):
+    """``block`` compiled once (hooks included, e.g. FSDP2's), cached for its lifetime."""
+    fn = _COMPILED.get(block)
+    if fn is None:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+                setattr(cfg, name, _RECOMPILE_LIMIT)
+        backend = os.environ.get("RWKV7_COMPILE_BACKEND", "inductor")
+        fn = _COMPILED[block] = torch.compile(block, backend=backend)
+    return fn
