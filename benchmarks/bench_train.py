@@ -8,6 +8,9 @@ Writes benchmarks/results/bench_train.json and bench_train.png. Run on a GPU:
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 import traceback
 
@@ -110,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--runs", nargs="*", default=None, help="run only these (names as in the JSON)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
     results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
@@ -120,13 +124,20 @@ def main() -> None:
         "ours_lora_r16": lambda: lora(args.batch, args.seq),
         "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
     }
-    for name, fn in runs.items():
-        if args.runs is not None and name not in args.runs:
-            continue
-        try:
-            results["runs"][name] = fn()
-        except Exception as err:  # noqa: BLE001 - recorded, the other runs go on
-            results["runs"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+    names = [n for n in runs if args.runs is None or n in args.runs]
+    if args.child:  # one run in this process; the parent reads the line below
+        r = runs[names[0]]()
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+    for name in names:
+        # Each run in a fresh process: peak memory, allocator and compiled graphs start clean.
+        cmd = [sys.executable, __file__, "--child", "--runs", name, "--batch", str(args.batch), "--seq", str(args.seq)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            results["runs"][name] = json.loads(lines[-1][len("RESULT ") :])
+        else:
+            results["runs"][name] = {"error": f"exit code {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-3000:]}
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
         write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
     peer = results["runs"].get("fla_state_tuning", {})

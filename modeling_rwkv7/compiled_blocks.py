@@ -7,9 +7,9 @@ about 200 ms of a 252 ms state-tuning step on an H100 (benchmarks/bench_train.py
 WKV kernels. Inductor fuses these chains into a few kernels, and its partitioner keeps fewer activations
 for the backward.
 
-How: each block is compiled as a region (``torch.compile(block)``, the pattern PyTorch documents as
-"regional compilation"): blocks 1..L-1 share one compiled graph (module parameters are graph inputs),
-block 0 (which owns ``ln0`` and the value residual) gets its own. The WKV call itself is excluded
+How: each block runs as a compiled region (the pattern PyTorch documents as "regional compilation"),
+through one compiled function that takes the block as an argument: blocks 1..L-1 share the same graphs
+(module parameters are graph inputs), block 0 (which owns ``ln0`` and the value residual) gets its own. The WKV call itself is excluded
 (``torch.compiler.disable`` in ``Rwkv7TimeMix._wkv``): it is our Triton autograd Function, and the upscaled
 states' extension reads the cache that is being filled.
 
@@ -24,14 +24,9 @@ compiler there). The first step of a new shape compiles (tens of seconds on a GP
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 from torch import nn
-
-# Compiled callables per block, outside the module tree: storing them as attributes would register
-# them as submodules and change the state-dict keys.
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
 # Variants that each need their own graph: first block or not, padding mask or not, final state or
 # not, grad or no-grad, checkpoint replay; dynamo's default of 8 graphs per code object is too few.
@@ -54,14 +49,22 @@ def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[1] > 1
 
 
-def compiled(block: nn.Module):
-    """``block`` compiled once (hooks included, e.g. FSDP2's), cached for its lifetime."""
-    fn = _COMPILED.get(block)
-    if fn is None:
+def _call_block(block: nn.Module, *args):
+    return block(*args)  # hooks included (e.g. FSDP2's)
+
+
+_compiled_calls: dict[str, object] = {}  # per backend
+
+
+def run_compiled(block: nn.Module, *args):
+    """``block(*args)`` through one compiled function shared by every block of every model: the block is
+    an input (its parameters are graph inputs), so blocks of the same structure reuse the same graphs and
+    nothing keeps a model alive after it is dropped."""
+    backend = os.environ.get("RWKV7_COMPILE_BACKEND", "inductor")
+    if backend not in _compiled_calls:
         cfg = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
             if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
                 setattr(cfg, name, _RECOMPILE_LIMIT)
-        backend = os.environ.get("RWKV7_COMPILE_BACKEND", "inductor")
-        fn = _COMPILED[block] = torch.compile(block, backend=backend)
-    return fn
+        _compiled_calls[backend] = torch.compile(_call_block, backend=backend)
+    return _compiled_calls[backend](block, *args)

@@ -17,6 +17,7 @@ What is not in the official code:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -35,7 +36,7 @@ from rwkv7_kernels import wkv7
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
-from .compiled_blocks import compiled, wants_compiled
+from .compiled_blocks import run_compiled, wants_compiled
 from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
@@ -506,7 +507,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         all_hidden = (x,) if output_hidden_states else None
         use_compiled = wants_compiled(self.compile_blocks, x)
         for i, block in enumerate(self.blocks):
-            run = compiled(block) if use_compiled else block
+            run = functools.partial(run_compiled, block) if use_compiled else block
             wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
             wkv0 = _fit_batch(wkv0, B)
             att0, ffn0 = _fit_batch(att0, B), _fit_batch(ffn0, B)
@@ -514,7 +515,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 wkv0 = wkv0.float()
             if checkpointing:
                 x, v_first, wkv, att, ffn = self._gradient_checkpointing_func(
-                    run.__call__, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
+                    run, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
                 )
             else:
                 x, v_first, wkv, att, ffn = run(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache))

@@ -85,3 +85,30 @@ def test_environment_switch(model, monkeypatch):
     assert not wants_compiled(True, x)
     monkeypatch.setenv("RWKV7_COMPILE", "1")
     assert wants_compiled(False, x)
+
+
+def test_models_are_freed_and_share_graphs(model, monkeypatch):
+    """A dropped model is freed (nothing caches it), and a second model reuses the first one's graphs."""
+    import gc
+    import weakref
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("RWKV7_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(1, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    first = copy.deepcopy(model)
+    first.model.compile_blocks = True
+    with torch.no_grad():
+        first(ids)
+    graphs = counters["stats"]["unique_graphs"]
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None
+    second = copy.deepcopy(model)
+    second.model.compile_blocks = True
+    with torch.no_grad():
+        second(ids)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -97,3 +97,32 @@ def test_compiled_blocks_match_eager_on_gpu(model):
     assert abs(l0 - l1) / abs(l0) < 1e-2
     for a, b in zip(g0, g1):
         assert (a - b).norm() / a.norm() < 3e-2
+
+
+def test_two_compiled_models_in_one_process(model):
+    """Compiled state-tuning steps on a model, then on a second one with gradient checkpointing, in one
+    process (as in a notebook or the study script): the first is freed, the second reuses the graphs."""
+    import gc
+    import weakref
+
+    import peft_state_tuning  # noqa: F401
+    from peft import get_peft_model
+
+    from peft_state_tuning import StateTuningConfig
+
+    ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(6)).cuda()
+    losses = []
+    for checkpointing in (False, True):
+        peft_model = get_peft_model(copy.deepcopy(model).to("cuda", torch.bfloat16), StateTuningConfig())
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.train()
+        for _ in range(2):
+            loss = peft_model(ids, labels=ids).loss
+            loss.backward()
+        losses.append(loss.item())
+        ref = weakref.ref(peft_model)
+        del peft_model, loss
+        gc.collect()
+        assert ref() is None
+    assert abs(losses[0] - losses[1]) / abs(losses[0]) < 1e-2
