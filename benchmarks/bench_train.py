@@ -1,8 +1,10 @@
 """State-tuning train step at the 0.1B shape: ours vs flash-linear-attention's RWKV-7 vs PEFT LoRA.
 
-B = 8, T = 4096, bf16, random weights; tokens/s and peak memory of one optimiser step.
-Writes benchmarks/results/bench_train.json and bench_train.png. Run on a GPU:
-    python benchmarks/bench_train.py
+B = 8, T = 4096, bf16, random weights; tokens/s and peak memory of one optimiser step. Our model runs
+its blocks compiled by default on CUDA (modeling_rwkv7/compiled_blocks.py); ``ours_state_tuning_eager``
+is the same step without that. Each configuration runs in a fresh process. Writes
+benchmarks/results/bench_train.json and bench_train.png. Run on a GPU:
+    python benchmarks/bench_train.py [--profile]     # --profile: GPU time per kernel family, per step
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from peft import LoraConfig, get_peft_model
 from peft_state_tuning import StateTuningConfig
 
 
+PROFILE = False  # --profile
+
+
 def measure(step, tokens: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -32,6 +37,38 @@ def measure(step, tokens: int) -> dict:
     seconds = timed(step, warmup=1, repeat=5)
     return {"tokens_per_s": tokens / seconds, "step_s": seconds, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
             "first_step_s": first}  # fmt: skip
+
+
+def kernel_breakdown(step, iters: int = 2) -> dict:
+    """Where a step's GPU time goes (torch.profiler): ms per step by kernel family, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[evt.key[:90]] = kernels.get(evt.key[:90], 0.0) + t / 1e3 / iters
+
+    def family(name: str) -> str:
+        low = name.lower()
+        if any(s in low for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")):
+            return "matmul (cuBLAS)"
+        if any(s in name for s in ("_prep_kernel", "_scan_", "_bwd_", "_fwd_kernel", "chunk_rwkv7", "chunk_dplr",
+                                   "chunk_fwd", "chunk_bwd", "wy_", "fused_recurrent", "prepare_wy")):
+            return "WKV kernels"
+        if low.startswith("triton_"):
+            return "Inductor-fused elementwise"
+        return "other (eager elementwise, loss, optimizer, copies)"
+
+    families: dict[str, float] = {}
+    for name, ms in kernels.items():
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])
+    return {"ms_per_step_by_family": families, "top_kernels_ms": top}
 
 
 def ours(batch, seq, checkpointing: bool, compile_blocks: bool | None = None) -> dict:
@@ -52,6 +89,8 @@ def ours(batch, seq, checkpointing: bool, compile_blocks: bool | None = None) ->
         opt.zero_grad(set_to_none=True)
 
     out = measure(step, batch * seq)
+    if PROFILE:
+        out["profile"] = kernel_breakdown(step)
     # Frozen weights must get no gradient at all.
     out["weight_grads_computed"] = sum(p.grad is not None for p in model.parameters())
     return out
@@ -105,6 +144,8 @@ def fla_peer(batch, seq) -> dict:
         opt.zero_grad(set_to_none=True)
 
     out = measure(step, batch * seq)
+    if PROFILE:
+        out["profile"] = kernel_breakdown(step)
     return out
 
 
@@ -114,7 +155,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--runs", nargs="*", default=None, help="run only these (names as in the JSON)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="add a per-kernel-family breakdown of one step")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
     results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
     runs = {
@@ -132,6 +176,7 @@ def main() -> None:
     for name in names:
         # Each run in a fresh process: peak memory, allocator and compiled graphs start clean.
         cmd = [sys.executable, __file__, "--child", "--runs", name, "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd += ["--profile"] if args.profile else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode == 0 and lines:
