@@ -13,9 +13,11 @@ through one compiled function that takes the block as an argument: blocks 1..L-1
 (``torch.compiler.disable`` in ``Rwkv7TimeMix._wkv``): it is our Triton autograd Function, and the upscaled
 states' extension reads the cache that is being filled.
 
-When: automatically for CUDA inputs with more than one token (a decode step is a CUDA graph or a
-one-token eager step already; compiling it would only add recompilations), unless a CUDA graph is being
-captured or the caller already compiles the whole model. Override with ``model.model.compile_blocks``
+When: automatically for CUDA inputs of more than one token with gradients on, i.e. training, where the
+compilation (tens of seconds, once per shape family) is paid back within a few steps. Inference stays
+eager by default (a first ``generate()`` should not wait for a compiler; decode steps are CUDA graphs
+already); set ``compile_blocks = True`` for long prefills. Never while a CUDA graph is being captured or
+when the caller already compiles the whole model. Override with ``model.model.compile_blocks``
 (``True`` / ``False``; ``None`` = automatic) or the environment variable ``RWKV7_COMPILE`` (``0`` / ``1``;
 ``1`` also compiles on CPU, where tests use ``RWKV7_COMPILE_BACKEND=aot_eager`` since Inductor needs a C++
 compiler there). The first step of a new shape compiles (tens of seconds on a GPU); later steps reuse it.
@@ -46,7 +48,7 @@ def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
         return True
     if setting is not None:
         return bool(setting)
-    return x.is_cuda and x.shape[1] > 1
+    return x.is_cuda and x.shape[1] > 1 and torch.is_grad_enabled()
 
 
 def _call_block(block: nn.Module, *args):

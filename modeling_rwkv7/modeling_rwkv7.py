@@ -422,7 +422,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         self.blocks = nn.ModuleList(Rwkv7Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
-        # None: compile the blocks for CUDA inputs of more than one token; True/False: always/never
+        # None: compile the blocks when training on CUDA; True/False: always/never
         # (compiled_blocks.py; the environment variable RWKV7_COMPILE overrides both).
         self.compile_blocks: bool | None = None
         self.post_init()
