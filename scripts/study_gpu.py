@@ -1,17 +1,53 @@
 """GPU quality study: two KJV tasks, two bases, state tuning and its variants vs LoRA, prompt tuning, full FT.
 
-One script, one run on one GPU (about 7 minutes on an H100, no network)::
+One script on one GPU, no network: in one run (about 7 minutes on an H100)::
 
     python scripts/study_gpu.py --out <dir>            # writes <dir>/study_gpu.json and <dir>/study_gpu.png
-    python scripts/study_gpu.py --out /tmp/sg --smoke  # CPU check of every code path (~2-3 min on 2 cores)
+    python scripts/study_gpu.py --out /tmp/sg --smoke  # CPU check of every code path (~3.5 min on 2 cores)
+
+or in two calls of at most 10 minutes each, on a fresh machine each time, where only the folder ``$OUT`` comes
+back (at most 8 files of < 16 MiB, 64 MiB in all)::
+
+    # call 1: pretrain the larger base, save it to $OUT/large_base (bf16: config.json, index, 3 shards of < 14 MiB),
+    # then the untuned evaluations, the calibration and as many runs of the plan as fit
+    python scripts/study_gpu.py --out $OUT --time-budget-s 520 --hard-limit-s 560 \
+        --save-large-to $OUT/large_base 2>&1 | tee $OUT/study.log
+    # call 2, with call 1's $OUT carried along as <carried>: the same base, settings and steps; only the runs that
+    # are missing, failed or were skipped (all phases), merged with call 1's results into $OUT/study_gpu.json
+    python scripts/study_gpu.py --out $OUT --resume <carried>/study_gpu.json --large-model <carried>/large_base \
+        --time-budget-s 540 --hard-limit-s 570 2>&1 | tee $OUT/study.log
+
+Call 1 leaves 8 files in ``$OUT`` (study_gpu.json, study_gpu.png, study.log, large_base/ with 5 files, ~31 MB);
+the PNG is written at the end of a call, the JSON after every step and run (so a call cut short still has it), the
+saved base right after pretraining.
+
+``--save-large-to DIR``: the larger base as the study loads it (fp32), rounded to bf16 (pretrain_embedded.py saves
+bf16 already, so the rounding changes nothing; the JSON says whether it did), saved in shards of at most 15 MB, no
+generation_config.json, loaded back with ``AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32)`` and
+checked equal. Every later evaluation and run of the call (held-out LM loss included) uses this saved copy, so the
+results of both calls come from the identical base (``bases.large.saved_copy`` in the JSON).
+
+``--resume OLD.json`` (needs ``--large-model``, the base saved by call 1; its parameter count is checked): the
+settings that define the experiment (tasks, methods, seeds, steps, batch size, learning rates, data sizes, DBP and
+observer settings, greedy length, few-shot choice) are taken from OLD.json, a differing command-line value is
+ignored with a warning (``resumed.ignored_arguments``); OLD.json's ``bases``, ``tasks``, ``calibration`` (no new
+probes: the first run of each kind is given its compilation time from the probe), the untuned evaluations that
+succeeded and every run with a result are kept; the plan's other runs (all phases, the steps being fixed) run in
+plan order within this call's budget. An ``observer`` run needs its teacher ``<task>/large/full`` trained in the
+same process: when that run is kept from OLD.json, the teacher is trained (and evaluated) again right before the
+observer, same seed and steps; that result goes to ``teacher_reruns["<task>/large/full/seed0"]`` (the kept result
+in ``runs`` stays), and the observer's result names its teacher in ``observer_teacher``. Each result records the
+``call`` (1, 2, ...) that produced it; ``timeline.resumed_from`` names OLD.json, ``timeline.previous_call`` keeps
+its timeline, ``resumed`` lists what was kept and what was run again.
 
 What it does, in order (docs/results.md, section 3):
 
 1. **A larger base.** Pretrains an RWKV-7 of ``--large-layers`` x ``--large-hidden`` (default 8 x 384, about
    15 M parameters) from scratch on the same KJV corpus with the same byte tokenizer as the shipped 3.6 M
    embedded model, by ``scripts/pretrain_embedded.py`` (bf16 autocast, ``--pretrain-s`` seconds of training, the
-   same held-out 5% of verses left out, best held-out checkpoint kept). Saved under ``--work-dir`` (not under
-   ``--out``: only the JSON and the PNG are meant to come back); its loss curves go into the JSON.
+   same held-out 5% of verses left out, best held-out checkpoint kept). Saved under ``--work-dir`` (and, with
+   ``--save-large-to``, as the bf16 copy that the rest of the call uses); its loss curves go into the JSON.
+   ``--large-model DIR`` skips the pretraining and uses DIR.
 2. **Two tasks** from real text, train split from verses both bases were pretrained on, eval split from the held-out
    verses neither base ever saw, with a task metric besides loss:
    * ``book``: "which book is this verse from?" (``peft_state_tuning.demo.book_task``: 8 books, input
@@ -35,10 +71,15 @@ What it does, in order (docs/results.md, section 3):
    (run ``<task>/large/full``; ``--observer-alpha`` 0.5, ``--observer-temperature`` 1; ``--observer-source
    large_untuned`` for the untuned larger base instead). On the large base:
    ``full`` (the observer), then, budget permitting, ``state`` and ``lora``. Seeds ``--seeds`` (0 1 2) for
-   ``state`` and ``lora`` on ``book``, budget permitting.
+   ``state`` and ``lora`` on ``book``, budget permitting. Order of the core runs (phase 0), per task, so that a
+   call cut short has the most useful ones: small ``state``, ``lora``, ``full``, ``prompt``, ``upscaled_128``,
+   large ``full`` then small ``observer`` right after it, small ``upscaled_256``, ``upscaled_128_dbp``; then the
+   extra seeds (phase 1), then the large base's ``state`` / ``lora`` (phase 2).
 4. **The paper's claim** (a smaller state-tuned model beats a larger untuned one): both untuned bases are evaluated
-   zero-shot and few-shot (one training example per class in the prompt), and compared with the state-tuned small
-   base; the comparison is written to ``claim`` in the JSON, plainly.
+   zero-shot, the larger one also few-shot (one training example per class in the prompt; ``--small-fewshot``
+   for the small base's few-shot too, off by default as the claim compares with the larger base and cache-free
+   greedy decoding after the ~900-byte prefix is slow), and compared with the state-tuned small base; the
+   comparison is written to ``claim`` in the JSON, plainly.
 
 Time: everything is fitted into ``--time-budget-s`` (default 420 s wall, from the script's start). After
 pretraining, every (base, method) is timed for a few steps (this also compiles the Triton kernels), the untuned
@@ -100,7 +141,8 @@ from peft_state_tuning import demo
 
 demo.load_kjv = functools.lru_cache(maxsize=None)(demo.load_kjv)  # read the corpus once (demo.book_task calls it)
 
-SMALL_METHODS = ["state", "lora", "full", "prompt", "upscaled_128", "upscaled_256", "upscaled_128_dbp", "observer"]
+# in the order of the core runs (build_plan; ``observer`` comes right after its teacher, large/full)
+SMALL_METHODS = ["state", "lora", "full", "prompt", "upscaled_128", "observer", "upscaled_256", "upscaled_128_dbp"]
 DEFAULT_LR = {"state": 0.3, "upscaled": 0.3, "lora": 2e-3, "prompt": 3e-2, "full": 2e-4, "observer": 0.3}
 LABELS = {
     "state": "state tuning", "upscaled_128": "upscaled state M=128", "upscaled_256": "upscaled state M=256",
@@ -344,6 +386,37 @@ def load_base(path, device):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+OUT_MAX_FILE_BYTES = 16 * 2**20  # what comes back from a GPU call: files of < 16 MiB, 8 files in all
+SAVED_BASE_MAX_FILES = 5  # config.json + model.safetensors.index.json + 3 shards (the JSON, PNG and log: 3 more)
+
+
+def save_base_bf16(src, dst: Path) -> dict:
+    """The base at ``src`` as the study loads it (fp32), rounded to bf16 and saved to ``dst`` in shards of at most
+    15 MB (no generation_config.json: not needed to load it), then loaded back in fp32 and checked equal to the
+    rounded weights. Returns what the JSON records (files, sizes, whether they fit what comes back from $OUT)."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_base(src, "cpu")
+    sd = model.state_dict()
+    rounded = {k: v.to(torch.bfloat16) if v.is_floating_point() else v.clone() for k, v in sd.items()}
+    changed = sum(int((v.to(sd[k].dtype) != sd[k]).sum()) for k, v in rounded.items())
+    dst.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(dst, max_shard_size="15MB")
+    (dst / "generation_config.json").unlink(missing_ok=True)
+    back = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).state_dict()
+    same = set(back) == set(rounded) and all(torch.equal(back[k], rounded[k].to(back[k].dtype)) for k in rounded)
+    if not same:
+        raise RuntimeError(f"the base saved to {dst} does not load back as the bf16-rounded weights")
+    files = {f.name: f.stat().st_size for f in sorted(dst.iterdir())}
+    fits = len(files) <= SAVED_BASE_MAX_FILES and all(n < OUT_MAX_FILE_BYTES for n in files.values())
+    return {
+        "path": str(dst), "dtype": "bfloat16", "source": str(src), "files": files, "total_bytes": sum(files.values()),
+        "fits_out_limits": fits, "weights_changed_by_rounding": changed, "reload_checked_equal": True,
+        "note": "every later evaluation and run of this call (and of a call resumed with --large-model <this dir>) "
+                "uses this bf16 copy, loaded in fp32",
+    }  # fmt: skip
+
+
 def lr_of(method: str, a) -> float:
     if method in a.lr_override:
         return a.lr_override[method]
@@ -508,10 +581,11 @@ def run_guarded(ctx: dict, kind: str, fn, *args, **kwargs):
 
 
 def build_plan(a) -> list[dict]:
-    """All runs in order; phase 0 is the core, 1 extra seeds, 2 the large base's state/LoRA."""
+    """All runs in order; phase 0 is the core (per task, the methods in SMALL_METHODS's order, the large base's
+    ``full`` right before ``observer``), 1 extra seeds, 2 the large base's state/LoRA."""
     plan = []
     for t in a.tasks:
-        for m in a.methods:
+        for m in sorted(dict.fromkeys(a.methods), key=SMALL_METHODS.index):
             if m == "observer":
                 plan.append({"task": t, "base": "large", "method": "full", "seed": 0, "phase": 0})
             plan.append({"task": t, "base": "small", "method": m, "seed": 0, "phase": 0})
@@ -690,13 +764,18 @@ def seed_summary(data: dict) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for study_gpu.json and study_gpu.png (nothing else)")
+    ap.add_argument("--out", required=True, help="folder for study_gpu.json and study_gpu.png")
     ap.add_argument("--work-dir", default="/tmp/study_gpu_work", help="the larger base and trainer scratch")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU check of every code path")
     ap.add_argument("--time-budget-s", type=float, default=420.0, help="wall seconds for everything, from the start")
     ap.add_argument("--hard-limit-s", type=float, default=500.0, help="no run starts that would end after this")
     ap.add_argument("--pretrain-s", type=float, default=130.0, help="training seconds of the larger base")
     ap.add_argument("--large-model", default=None, help="use this pretrained larger base instead of pretraining one")
+    ap.add_argument("--save-large-to", default=None, metavar="DIR",
+                    help="save the larger base (bf16, <= 5 files of < 16 MiB) to DIR and use that copy from then on")
+    ap.add_argument("--resume", default=None, metavar="JSON",
+                    help="continue the study of this study_gpu.json (needs --large-model, the base it used)")
+    ap.add_argument("--max-runs", type=int, default=None, help="start at most this many runs (tests of --resume)")
     ap.add_argument("--large-layers", type=int, default=8)
     ap.add_argument("--large-hidden", type=int, default=384)
     ap.add_argument("--large-lr", type=float, default=2e-3)
@@ -722,8 +801,14 @@ def parse_args(argv=None):
     ap.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="override learning rates")
     ap.add_argument("--eval-token-budget", type=int, default=131072, help="tokens per evaluation forward")
     ap.add_argument("--greedy-max-new", type=int, default=14, help="bytes of greedy decoding (longest answer: 12)")
-    ap.add_argument("--no-fewshot", action="store_true")
+    ap.add_argument("--no-fewshot", action="store_true", help="no few-shot evaluation of the untuned bases")
+    ap.add_argument("--small-fewshot", dest="small_fewshot", action="store_true",
+                    help="also evaluate the untuned SMALL base few-shot (off: the claim needs the larger base's)")
+    ap.add_argument("--untuned-only-large-fewshot", dest="small_fewshot", action="store_false",
+                    help="only the larger untuned base few-shot (the default)")
     a = ap.parse_args(argv)
+    if a.resume and not a.large_model:
+        ap.error("--resume needs --large-model DIR: the larger base the resumed study used (its --save-large-to DIR)")
     a.lr_override = {k: float(v) for k, v in (x.split("=") for x in a.lr)}
     a.seeds = [0] + [s for s in dict.fromkeys(a.seeds) if s != 0]  # seed 0 is the main run of every method
     if a.smoke:
@@ -736,9 +821,38 @@ def parse_args(argv=None):
     return a
 
 
+# the settings that define the experiment: a resumed study keeps those of the JSON it resumes
+RESUME_KEYS = ("tasks", "methods", "large_methods", "seeds", "steps", "batch_size", "train_per_class", "eval_per_class",
+               "decor_lr", "observer_alpha", "observer_temperature", "observer_source", "greedy_max_new",
+               "eval_token_budget", "no_fewshot", "small_fewshot", "probe_steps")  # fmt: skip
+
+
+def apply_resume(a, old: dict) -> dict:
+    """Sets ``a``'s experiment settings (RESUME_KEYS and the learning rates) to those of the resumed study ``old``;
+    returns ``{argument: {"given", "kept"}}`` for those the command line gave differently (ignored)."""
+    s, ignored = old["settings"], {}
+    for k in RESUME_KEYS:
+        if k not in s or s[k] is None:  # e.g. no steps yet: the resumed call never got past its calibration
+            continue
+        given = getattr(a, k)
+        if given != s[k] and not (k == "steps" and given is None):
+            ignored[k] = {"given": given, "kept": s[k]}
+        setattr(a, k, s[k])
+    if isinstance(s.get("lr"), dict):
+        given = {m: lr_of(m, a) for m in s["lr"]}
+        ignored.update({f"lr {m}": {"given": v, "kept": s["lr"][m]} for m, v in given.items() if v != s["lr"][m]})
+        a.lr_override = dict(s["lr"])
+    for k, v in ignored.items():
+        log(f"!!! --resume: {k} = {v['given']} ignored, the resumed study's {v['kept']} kept")
+    return ignored
+
+
 def main(argv=None) -> int:
     # One GPU (before CUDA is initialised): on a multi-GPU host Trainer would wrap the model in DataParallel.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    # Eager blocks: many short runs of many methods and shapes, each timed against a budget; compiling the blocks
+    # (the CUDA training default, modeling_rwkv7/compiled_blocks.py) would add unpredictable compilation time.
+    os.environ.setdefault("RWKV7_COMPILE", "0")
     a = parse_args(argv)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -747,6 +861,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*use_cache.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    old = json.loads(Path(a.resume).read_text()) if a.resume else None
+    ignored = apply_resume(a, old) if old else {}
     out, work = Path(a.out), Path(a.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -763,23 +879,45 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()}, "
                       f"{torch.get_num_threads()} threads)",
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(),
+            "python": platform.python_version(), "RWKV7_COMPILE": os.environ.get("RWKV7_COMPILE"),
         },
-        "bases": {}, "tasks": {}, "untuned": {}, "runs": {}, "skipped": [], "timeline": {},
+        "bases": {}, "tasks": {}, "untuned": {}, "runs": {}, "teacher_reruns": {}, "skipped": [], "timeline": {},
     }  # fmt: skip
     data["settings"]["lr"] = {m: lr_of(m, a) for m in LABELS}
+    call = 1
+    if old:  # keep what the resumed study measured; redo what failed, was skipped or never ran
+        call = old.get("timeline", {}).get("call", 1) + 1
+        data["bases"] = old["bases"]
+        data["tasks"] = old.get("tasks", {})
+        data["untuned"] = {k: u for k, u in old.get("untuned", {}).items() if "error" not in u}
+        data["runs"] = {k: r for k, r in old.get("runs", {}).items() if "after" in r}
+        data["teacher_reruns"] = old.get("teacher_reruns", {})
+        if old.get("calibration"):
+            data["calibration"] = old["calibration"]
+        data["timeline"] = {"resumed_from": str(a.resume), "previous_call": old.get("timeline", {})}
+        data["resumed"] = {
+            "from": str(a.resume), "ignored_arguments": ignored, "kept_runs": list(data["runs"]),
+            "dropped_runs": {k: r.get("error", "no result") for k, r in old.get("runs", {}).items() if k not in data["runs"]},
+            "dropped_untuned": [k for k in old.get("untuned", {}) if k not in data["untuned"]],
+            "previous_skipped": old.get("skipped", []), "previous_environment": old.get("environment"),
+            "previous_settings": old["settings"],
+        }  # fmt: skip
+    data["timeline"]["call"] = call
 
     def save():
         data["timeline"]["elapsed_s"] = elapsed()
         js.write_text(json.dumps(data, indent=1, default=str))
 
-    log(f"device {data['environment']['device']}; budget {a.time_budget_s:.0f}s (hard {a.hard_limit_s:.0f}s)")
+    log(f"device {data['environment']['device']}; budget {a.time_budget_s:.0f}s (hard {a.hard_limit_s:.0f}s)"
+        + (f"; call {call}, resuming {a.resume}: {len(data['runs'])} runs kept" if old else ""))
 
     # ---- 1. the larger base ----
     small_dir = demo.EMBEDDED_MODEL_DIR
     if a.large_model:
         large_dir = Path(a.large_model)
-        data["bases"]["large"] = {"path": str(large_dir), "pretrain": "given (--large-model)"}
+        data["bases"].setdefault("large", {"path": str(large_dir), "pretrain": "given (--large-model)"})
+        if old:
+            data["bases"]["large"][f"path_call{call}"] = str(large_dir)
     else:
         large_dir = work / "large_base"
         argv_pre = ["--out-dir", str(large_dir), "--seed", "0"]
@@ -807,21 +945,38 @@ def main(argv=None) -> int:
         }  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    data["bases"]["small"] = {"path": str(small_dir), "note": "the shipped embedded model (H100-pretrained, 4 x 256)"}
+    if a.save_large_to:  # from here on, everything uses the saved bf16 copy (the base a resumed call gets)
+        saved = save_base_bf16(large_dir, Path(a.save_large_to))
+        data["bases"]["large"]["saved_copy"] = saved
+        large_dir = Path(a.save_large_to)
+        log(f"saved the larger base (bf16) to {large_dir}: {len(saved['files'])} files, "
+            f"{saved['total_bytes'] / 2**20:.1f} MiB, largest {max(saved['files'].values()) / 2**20:.1f} MiB, "
+            f"{saved['weights_changed_by_rounding']} weights changed by the rounding: {', '.join(saved['files'])}")
+        if not saved["fits_out_limits"]:
+            log(f"!!! {large_dir} does not fit what comes back from $OUT (<= {SAVED_BASE_MAX_FILES} files here, "
+                f"each < 16 MiB)")
+    data["bases"]["large"]["path_used"] = str(large_dir)
+    data["bases"].setdefault("small", {"path": str(small_dir), "note": "the shipped embedded model (H100-pretrained, 4 x 256)"})
     data["timeline"]["pretrain_done_s"] = elapsed()
     save()
 
     tok = AutoTokenizer.from_pretrained(small_dir)
     ctx = {"args": a, "device": device, "tok": tok, "base_dirs": {"small": small_dir, "large": large_dir},
            "base_params": {}, "teachers": {}}  # fmt: skip
+    # (base, method) kinds that fell back to the torch WKV backend (run_guarded): recorded, and kept when resuming
+    ctx["torch_backend_kinds"] = data["torch_backend_fallbacks"] = dict((old or {}).get("torch_backend_fallbacks", {}))
     verses = demo.load_kjv()
     for b in ("small", "large"):
         m = load_base(ctx["base_dirs"][b], device)
         n = sum(p.numel() for p in m.parameters())
         ctx["base_params"][b] = n
         c = m.config
-        data["bases"][b].update(parameters=n, layers=c.num_hidden_layers, hidden=c.hidden_size,
-                                heldout_lm_loss=heldout_lm_loss(m, tok, verses, 16384 if a.smoke else 262144))  # fmt: skip
+        if old and data["bases"][b].get("parameters") not in (None, n):
+            raise SystemExit(f"--resume: the {b} base ({ctx['base_dirs'][b]}) has {n:,} parameters, the resumed "
+                             f"study's had {data['bases'][b]['parameters']:,}: not the same base")  # fmt: skip
+        if "heldout_lm_loss" not in data["bases"][b]:
+            data["bases"][b]["heldout_lm_loss"] = heldout_lm_loss(m, tok, verses, 16384 if a.smoke else 262144)
+        data["bases"][b].update(parameters=n, layers=c.num_hidden_layers, hidden=c.hidden_size)
         log(f"{b} base: {n / 1e6:.2f} M params, {c.num_hidden_layers} x {c.hidden_size}, held-out LM loss "
             f"{data['bases'][b]['heldout_lm_loss']:.3f}")
         del m
@@ -836,9 +991,11 @@ def main(argv=None) -> int:
                             "eval_label_counts": {lab: sum(e["label"] == lab for e in t0["eval"]) for lab in t0["labels"]},
                             "fewshot_prefix_bytes": len(t0["fewshot_prefix"].encode()),
                             "example": {"prompt": t0["eval"][0]["prompt"], "answer": t0["eval"][0]["answer"]}}  # fmt: skip
-    cal = {"runs": {}, "eval": {}}
+    cal = data.get("calibration") or {"runs": {}, "eval": {}}
     for t in a.tasks:
         for b in ("small", "large"):
+            if f"{t}/{b}" in data["untuned"]:
+                continue  # kept from the resumed study
             try:
                 m = load_base(ctx["base_dirs"][b], device)
                 if device.type == "cuda":  # warm-up (kernel compilation) so that the timing below is an eval's cost
@@ -848,70 +1005,102 @@ def main(argv=None) -> int:
                 zs = evaluate(m, tok, tasks[t][0], token_budget=a.eval_token_budget, greedy_max_new=a.greedy_max_new)
                 cal["eval"][f"{t}/{b}"] = time.perf_counter() - te
                 entry = {"zero_shot": zs}
-                if not a.no_fewshot:
+                if not a.no_fewshot and (b == "large" or a.small_fewshot):
                     entry["few_shot"] = evaluate(m, tok, tasks[t][0], prefix=tasks[t][0]["fewshot_prefix"],
                                                  token_budget=a.eval_token_budget, greedy_max_new=a.greedy_max_new)  # fmt: skip
+                entry["call"] = call
                 data["untuned"][f"{t}/{b}"] = entry
                 log(f"untuned {t}/{b}: ranked {zs['ranked_accuracy']:.3f} greedy {zs['greedy_exact_match']:.3f} "
-                    f"loss {zs['eval_loss']:.3f}" + (f"; few-shot ranked {entry['few_shot']['ranked_accuracy']:.3f} "
-                    f"greedy {entry['few_shot']['greedy_exact_match']:.3f}" if "few_shot" in entry else "")
-                    + f" ({zs['eval_seconds']:.1f}s)")  # fmt: skip
+                    f"loss {zs['eval_loss']:.3f} ({zs['eval_seconds']:.1f}s)" + (f"; few-shot ranked "
+                    f"{entry['few_shot']['ranked_accuracy']:.3f} greedy {entry['few_shot']['greedy_exact_match']:.3f} "
+                    f"({entry['few_shot']['eval_seconds']:.1f}s)" if "few_shot" in entry else ""))  # fmt: skip
                 del m
             except Exception as e:  # noqa: BLE001
-                data["untuned"][f"{t}/{b}"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+                data["untuned"][f"{t}/{b}"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:],
+                                               "call": call}  # fmt: skip
                 log(f"!!! untuned {t}/{b} failed: {type(e).__name__}: {e}")
             save()
     data["timeline"]["untuned_done_s"] = elapsed()
 
     # ---- 3. calibration: time every (base, method) for a few steps (also compiles the kernels) ----
     plan = build_plan(a)
-    kinds = list(dict.fromkeys((r["base"], r["method"]) for r in plan))
-    probe_task = tasks[a.tasks[0]][0]
-    for b, m in kinds:
-        try:
-            obs = load_base(large_dir, "cpu") if m == "observer" else None
-            r = run_guarded(ctx, f"{b}/{m}", run_one, ctx, probe_task, b, m, 0, a.probe_steps, evaluate_after=False,
-                            observer=obs)  # fmt: skip
-            cal["runs"][f"{b}/{m}"] = {"step": r["step_seconds"], "setup": r["setup_seconds"],
-                                       "probe_wall": r["wall_seconds"]}  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            cal["runs"][f"{b}/{m}"] = {"step": 0.2, "setup": 3.0, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            log(f"!!! probe {b}/{m} failed: {type(e).__name__}: {e}")
-    base_step = {b: cal["runs"].get(f"{b}/state", {}).get("step") for b in ("small", "large")}
-    for k, c in cal["runs"].items():  # evaluation cost scales roughly like the forward: the step time ratio
-        b, m = k.split("/")
-        c["fwd_factor"] = 1.0 if m in ("observer", "full", "lora") or not base_step[b] else max(1.0, c["step"] / base_step[b])
-        log(f"probe {k}: {c['step'] * 1000:.0f} ms/step, setup {c['setup']:.1f}s, eval x{c['fwd_factor']:.2f}")
-    data["calibration"] = cal
-    available = a.time_budget_s - elapsed() - (15 if not a.smoke else 5)
-    fit = choose_steps(plan, cal, available, a)
-    data["calibration"]["fit"] = {"steps": fit[0], "phases_kept": fit[1], "available_s": available}
+    resumed_cal = bool(old and a.steps and cal["runs"])  # the resumed study's probes and steps: no new probes
+    first_run_extra = {}
+    if resumed_cal:  # the first run of each kind compiles its kernels here: its probe's first-step overhead
+        first_run_extra = {k: max(0.0, c.get("probe_wall", 0.0) - c["setup"] - a.probe_steps * c["step"])
+                           for k, c in cal["runs"].items()}  # fmt: skip
+        fit, available = None, a.time_budget_s - elapsed()
+        log(f"calibration kept from {a.resume}: {a.steps} steps per run")
+    else:
+        kinds = list(dict.fromkeys((r["base"], r["method"]) for r in plan))
+        probe_task = tasks[a.tasks[0]][0]
+        for b, m in kinds:
+            try:
+                obs = load_base(large_dir, "cpu") if m == "observer" else None
+                r = run_guarded(ctx, f"{b}/{m}", run_one, ctx, probe_task, b, m, 0, a.probe_steps, evaluate_after=False,
+                                observer=obs)  # fmt: skip
+                cal["runs"][f"{b}/{m}"] = {"step": r["step_seconds"], "setup": r["setup_seconds"],
+                                           "probe_wall": r["wall_seconds"]}  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                cal["runs"][f"{b}/{m}"] = {"step": 0.2, "setup": 3.0, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                log(f"!!! probe {b}/{m} failed: {type(e).__name__}: {e}")
+        base_step = {b: cal["runs"].get(f"{b}/state", {}).get("step") for b in ("small", "large")}
+        for k, c in cal["runs"].items():  # evaluation cost scales roughly like the forward: the step time ratio
+            b, m = k.split("/")
+            c["fwd_factor"] = 1.0 if m in ("observer", "full", "lora") or not base_step[b] else max(1.0, c["step"] / base_step[b])
+            log(f"probe {k}: {c['step'] * 1000:.0f} ms/step, setup {c['setup']:.1f}s, eval x{c['fwd_factor']:.2f}")
+        data["calibration"] = cal
+        available = a.time_budget_s - elapsed() - (15 if not a.smoke else 5)
+        fit = choose_steps(plan, cal, available, a)
+        data["calibration"]["fit"] = {"steps": fit[0], "phases_kept": fit[1], "available_s": available}
     steps, top = (a.steps, max(r["phase"] for r in plan)) if a.steps else fit
     plan = [r for r in plan if r["phase"] <= top]
-    est = sum(estimate(r, steps, cal) for r in plan)
     data["settings"]["steps"] = steps
     data["settings"]["phases_kept"] = top
     data["settings"]["plan"] = [r["key"] for r in plan]
+    # this call's runs: the plan less the runs kept from a resumed study; an observer whose teacher (large/full,
+    # trained in this process) was kept gets the teacher trained again right before it
+    todo = []
+    for r in plan:
+        if r["key"] in data["runs"]:
+            continue
+        teacher = f"{r['task']}/large/full/seed0"
+        if r["method"] == "observer" and a.observer_source == "large_full" and teacher in data["runs"]:
+            todo.append({"task": r["task"], "base": "large", "method": "full", "seed": 0, "phase": r["phase"],
+                         "key": teacher, "teacher_rerun": True})  # fmt: skip
+        todo.append(r)
+    data["settings"]["plan_call"] = {**(old or {}).get("settings", {}).get("plan_call", {}),
+                                     str(call): [r["key"] + (" (teacher rerun)" if r.get("teacher_rerun") else "")
+                                                 for r in todo]}  # fmt: skip
+    est = sum(estimate(r, steps, cal) for r in todo)
     data["timeline"]["calibration_done_s"] = elapsed()
-    log(f"plan: {len(plan)} runs of {steps} steps (phases <= {top}), estimated {est:.0f}s, available {available:.0f}s")
+    log(f"plan: {len(plan)} runs of {steps} steps (phases <= {top}), this call {len(todo)}, estimated {est:.0f}s, "
+        f"available {available:.0f}s")
     save()
 
     # ---- 4. the runs ----
-    for i, run in enumerate(plan):
-        key = run["key"]
-        need = estimate(run, steps, cal)
+    started = 0
+    for i, run in enumerate(todo):
+        key, kind = run["key"], f"{run['base']}/{run['method']}"
+        need = estimate(run, steps, cal) + first_run_extra.get(kind, 0.0)
+        if a.max_runs is not None and started >= a.max_runs:
+            data["skipped"].append({"key": key, "reason": f"--max-runs {a.max_runs}", "call": call})
+            log(f"skip {key} (--max-runs)")
+            continue
         if elapsed() + need > a.hard_limit_s or (run["phase"] > 0 and elapsed() + need > a.time_budget_s):
-            data["skipped"].append({"key": key, "reason": f"time: {elapsed():.0f}s elapsed + ~{need:.0f}s needed"})
+            data["skipped"].append({"key": key, "reason": f"time: {elapsed():.0f}s elapsed + ~{need:.0f}s needed",
+                                    "call": call})  # fmt: skip
             log(f"skip {key} (time)")
             continue
+        started += 1
+        first_run_extra.pop(kind, None)
         task = tasks[run["task"]][run["seed"]]
-        log(f"[{i + 1}/{len(plan)}] {key} (est. {need:.0f}s)")
+        log(f"[{i + 1}/{len(todo)}] {key}{' (teacher rerun)' if run.get('teacher_rerun') else ''} (est. {need:.0f}s)")
         obs = None
         if run["method"] == "observer":
             obs = load_base(large_dir, "cpu") if a.observer_source == "large_untuned" else ctx["teachers"].get(run["task"])
         try:
-            res = run_guarded(ctx, f"{run['base']}/{run['method']}", run_one, ctx, task, run["base"], run["method"],
-                              run["seed"], steps, observer=obs)  # fmt: skip
+            res = run_guarded(ctx, kind, run_one, ctx, task, run["base"], run["method"], run["seed"], steps, observer=obs)
         except Exception as e:  # noqa: BLE001
             res = {"task": run["task"], "base": run["base"], "method": run["method"], "seed": run["seed"],
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
@@ -920,7 +1109,12 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         res["estimated_seconds"] = need
-        data["runs"][key] = res
+        res["call"] = call
+        if run["method"] == "observer" and a.observer_source == "large_full":
+            teacher = f"{run['task']}/large/full/seed0"
+            res["observer_teacher"] = (f"teacher_reruns/{teacher}" if teacher in data["teacher_reruns"]
+                                       and data["teacher_reruns"][teacher].get("call") == call else f"runs/{teacher}")  # fmt: skip
+        (data["teacher_reruns"] if run.get("teacher_rerun") else data["runs"])[key] = res
         if "after" in res:
             r = res["after"]
             log(f"    ranked {r['ranked_accuracy']:.3f} greedy {r['greedy_exact_match']:.3f} loss {r['eval_loss']:.3f} "
@@ -966,6 +1160,10 @@ def print_table(data: dict) -> None:
                   f"{r['peak_gpu_mib_train'] or 0:6.0f}")  # fmt: skip
         else:
             print(f"{k:34s} ERROR {r.get('error', '')[:90]}")
+    for k, r in data.get("teacher_reruns", {}).items():
+        e = r.get("after")
+        print(f"{k + ' (rerun)':34s} " + (f"{r['trainable_parameters']:>10,d} {e['ranked_accuracy']:7.3f} "
+              f"{e['greedy_exact_match']:7.3f} {e['eval_loss']:6.3f}" if e else f"ERROR {r.get('error', '')[:90]}"))
     for s in data["skipped"]:
         print(f"{s['key']:34s} SKIPPED {s['reason']}")
     for t, c in data.get("claim", {}).items():

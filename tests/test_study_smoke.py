@@ -1,12 +1,14 @@
 """Cheap checks of scripts/study_gpu.py (the whole script's CPU smoke run, ``--smoke``, takes minutes: not here).
 
 Covers the parts whose mistakes would silently bias the GPU study: the second task's labels and splits, the
-batched evaluation (ranked accuracy and cache-free greedy decoding vs unbatched reference loops), and the
-budget logic that picks the number of steps."""
+batched evaluation (ranked accuracy and cache-free greedy decoding vs unbatched reference loops), the
+budget logic that picks the number of steps and the order of the runs, and the study in two calls (``--smoke``
+of one task and two methods, ~40 s: call 1 saves the larger base and stops after two runs, call 2 resumes it)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -135,3 +137,59 @@ def test_budget_picks_steps_and_drops_optional_phases(sg):
     assert top == 0 and steps == 160
     steps, top = sg.choose_steps(plan, cal, fixed0 + 1.0, A)
     assert (steps, top) == (30, 0)  # never below --min-steps
+
+
+def test_plan_order(sg):
+    class A:
+        tasks, methods, large_methods, seeds = ["book", "genre"], list(reversed(sg.SMALL_METHODS)), ["state"], [0, 1]
+
+    plan = sg.build_plan(A)
+    core = ["small/state", "small/lora", "small/full", "small/prompt", "small/upscaled_128", "large/full",
+            "small/observer", "small/upscaled_256", "small/upscaled_128_dbp"]  # fmt: skip
+    want = [f"{t}/{k}/seed0" for t in A.tasks for k in core]
+    want += ["book/small/state/seed1", "book/small/lora/seed1", "book/large/state/seed0", "genre/large/state/seed0"]
+    assert [r["key"] for r in plan] == want
+    assert [r["phase"] for r in plan] == [0] * 18 + [1, 1, 2, 2]
+
+
+def test_resume_needs_large_model(sg, tmp_path):
+    with pytest.raises(SystemExit):
+        sg.parse_args(["--out", str(tmp_path), "--resume", str(tmp_path / "study_gpu.json")])
+
+
+def test_two_calls_resume_smoke(sg, tmp_path):
+    """Call 1 pretrains, saves the base (--save-large-to) and stops after 2 of 3 runs; call 2 resumes: it keeps
+    call 1's results, retrains the observer's teacher (kept in call 1) and runs only the observer."""
+    out1, out2, base = tmp_path / "out1", tmp_path / "out2", tmp_path / "out1" / "large_base"
+    common = ["--smoke", "--tasks", "book", "--methods", "observer", "state", "--large-methods", "--seeds", "0"]
+    assert sg.main(common + ["--out", str(out1), "--work-dir", str(tmp_path / "w1"), "--max-runs", "2",
+                             "--save-large-to", str(base)]) == 0  # fmt: skip
+    files = sorted(f for f in base.iterdir())
+    assert 2 <= len(files) <= 5 and all(f.is_file() and f.stat().st_size < 16 * 2**20 for f in files)
+    assert not (base / "generation_config.json").exists()
+    assert len([f for f in out1.rglob("*") if f.is_file()]) <= 7  # + the log: at most 8 files come back
+    d1 = json.loads((out1 / "study_gpu.json").read_text())
+    assert d1["bases"]["large"]["saved_copy"]["reload_checked_equal"] and d1["bases"]["large"]["path_used"] == str(base)
+    assert list(d1["runs"]) == ["book/small/state/seed0", "book/large/full/seed0"]
+    assert [s["key"] for s in d1["skipped"]] == ["book/small/observer/seed0"]
+    assert "few_shot" in d1["untuned"]["book/large"] and "few_shot" not in d1["untuned"]["book/small"]
+
+    with pytest.raises(SystemExit):  # --resume without the saved base
+        sg.main(["--smoke", "--out", str(out2), "--resume", str(out1 / "study_gpu.json")])
+    # a differing experiment setting (--methods) is ignored: the resumed study's are kept
+    assert sg.main(["--smoke", "--out", str(out2), "--work-dir", str(tmp_path / "w2"), "--methods", "state",
+                    "--resume", str(out1 / "study_gpu.json"), "--large-model", str(base)]) == 0  # fmt: skip
+    d2 = json.loads((out2 / "study_gpu.json").read_text())
+    assert (out2 / "study_gpu.png").exists()
+    assert d2["settings"]["methods"] == ["observer", "state"] and "methods" in d2["resumed"]["ignored_arguments"]
+    assert d2["settings"]["steps"] == d1["settings"]["steps"] and d2["settings"]["tasks"] == ["book"]
+    assert d2["timeline"]["call"] == 2 and d2["timeline"]["resumed_from"] == str(out1 / "study_gpu.json")
+    calls = {k: r["call"] for k, r in d2["runs"].items()}
+    assert calls == {"book/small/state/seed0": 1, "book/large/full/seed0": 1, "book/small/observer/seed0": 2}
+    assert all(d2["runs"][k] == d1["runs"][k] for k in d1["runs"])  # kept as they were, not run again
+    assert {k: r["call"] for k, r in d2["teacher_reruns"].items()} == {"book/large/full/seed0": 2}
+    assert "after" in d2["runs"]["book/small/observer/seed0"] and not d2["skipped"]
+    assert d2["runs"]["book/small/observer/seed0"]["observer_teacher"] == "teacher_reruns/book/large/full/seed0"
+    assert d2["untuned"] == d1["untuned"] and d2["calibration"] == d1["calibration"]
+    assert d2["bases"]["large"]["parameters"] == d1["bases"]["large"]["parameters"]
+    assert d2["settings"]["plan_call"]["2"] == ["book/large/full/seed0 (teacher rerun)", "book/small/observer/seed0"]
