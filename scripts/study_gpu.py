@@ -786,6 +786,9 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None,
                     help="fix the steps and keep every phase (the probes still run; the fit is only recorded)")
+    ap.add_argument("--no-probes", action="store_true",
+                    help="with --steps: skip the timing probes (each kind's first Triton compilation then happens in its "
+                         "first run; estimates use defaults, only --hard-limit-s guards the time)")
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--preferred-steps", type=int, default=150)
     ap.add_argument("--min-steps", type=int, default=30)
@@ -807,6 +810,8 @@ def parse_args(argv=None):
     ap.add_argument("--untuned-only-large-fewshot", dest="small_fewshot", action="store_false",
                     help="only the larger untuned base few-shot (the default)")
     a = ap.parse_args(argv)
+    if a.no_probes and not a.steps:
+        ap.error("--no-probes needs --steps N")
     if a.resume and not a.large_model:
         ap.error("--resume needs --large-model DIR: the larger base the resumed study used (its --save-large-to DIR)")
     a.lr_override = {k: float(v) for k, v in (x.split("=") for x in a.lr)}
@@ -1031,6 +1036,9 @@ def main(argv=None) -> int:
                            for k, c in cal["runs"].items()}  # fmt: skip
         fit, available = None, a.time_budget_s - elapsed()
         log(f"calibration kept from {a.resume}: {a.steps} steps per run")
+    elif a.no_probes:  # fixed --steps, no timing probes: the runs are skipped by --hard-limit-s alone if time runs out
+        fit, available = None, a.time_budget_s - elapsed()
+        log(f"no probes (--no-probes): {a.steps} steps per run")
     else:
         kinds = list(dict.fromkeys((r["base"], r["method"]) for r in plan))
         probe_task = tasks[a.tasks[0]][0]
