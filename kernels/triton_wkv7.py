@@ -29,6 +29,9 @@ Kernels:
 * ``_bwd_grad_kernel`` (parallel: one program per (chunk, head)): with the chunk's start state and
   end-state gradient known, recomputes the chunk and forms every input gradient. It holds all of V,
   so the gradients of the K-side inputs (sums over V) need no cross-program reduction.
+* ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel``: the same gradients in two kernels with fewer live
+  tiles (``RWKV7_WKV_GRAD_VARIANT=split``; default "fused", the kernel above): dv, u and dx per
+  (V-block, chunk, head), then the K-side gradients per (chunk, head) from u and dx.
 * ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
   in place.
 
@@ -523,6 +526,178 @@ def _bwd_grad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward, "split" variant of the gradient kernel (RWKV7_WKV_GRAD_VARIANT=split)
+# ----------------------------------------------------------------------------------------------
+#
+# Why: ``_bwd_grad_kernel`` keeps ~24 [BT, K] / [BT, BT] fp32 tiles live at once (r, w, k, a, b;
+# g, gp, e^-g, tail, rg, kn, bn, ag, kt, bt; four interaction matrices and the inverse; four dA and
+# four [BT, K] gradient accumulators) and spills registers. H100, (B, T, H, N) = (8, 4096, 12, 64),
+# bf16, BT = 32, one forward+backward of 4.36 ms: ``_bwd_grad_kernel`` 2.21 ms, ``_prep_kernel``
+# 1.06 ms, scans 0.41 + 0.39 ms. 8 warps or a V-block of 32 were slower, and BT = 64 took 7.4 ms
+# (worse spills). The split does the same algebra in two kernels, each with a much smaller live set:
+#
+# (a) ``_bwd_dv_kernel``, one program per (V-block, chunk, head): recomputes the gated tiles, A_rk,
+#     A_rb, A_ak and the inverse, then for its V columns forms u, du, dx and dv; stores dv, and u and
+#     dx (fp32 [BT, V] per chunk) to scratch. Live: 4 [BT, BT] + ~3 [BT, K] + the V-block's tiles.
+# (b) ``_bwd_kgrad_kernel``, one program per (K-block, chunk, head): loops over V-blocks accumulating
+#     every reduction over V from plain loads (dA_rk = do v^T, dA_rb = do u^T, dA_ak = dx v^T,
+#     dA_ab = dx u^T, drg = do h0^T, dag = dx h0^T, dkt = v dhe^T, dbt = u dhe^T, d_end), holding only
+#     the accumulators (4 [BT, BT] + 4 [BT, BK]) and that block's loads; the gated tiles are
+#     recomputed *after* the loop (reloading r, w, k, a, b) to finish dr, dk, da, db and dw.
+#
+# Why u and dx go through scratch rather than per-V-block partial sums of the dA / [BT, K]
+# accumulators: the partials would be 4 BT^2 + 4 BT K + K floats per V-block and chunk (12 K floats
+# at BT = 32, K = 64: 48 KB, x V/BV blocks), u and dx are 2 BT BV floats per V-block (8 KB at BV = 32)
+# and (b) needs no cross-program reduction. Cost: u, dx written and read once (fp32, so the numbers
+# are those of the fused kernel), and (b) re-reads the chunk states, v, do and r, w, k, a, b.
+#
+# Spills (ptxas for sm_90a, bytes of spill stores per thread, K = V = 64, compiled without a GPU):
+# fused BT 32 / 4 warps 1830, BT 64 / 8 warps 2408. Split, 8 warps: BT 32 with (a) V-block 64: 0,
+# (b) V-block 32: 0; BT 64 with (a) V-block 16: 148, (b) V-block 16 and K-block 32: 0. Timings on
+# the GPU decide (benchmarks/tune_kernels.py); the split's knobs: RWKV7_WKV_GRAD_BV (a's V-block),
+# RWKV7_WKV_GRAD_KBV, RWKV7_WKV_GRAD_BK (b's V- and K-block), RWKV7_WKV_GRAD_WARPS (both).
+
+
+@triton.jit
+def _bwd_dv_kernel(
+    r, w, k, v, a, b, do, states, dstates, dv, U, DX, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = V-columns ``[i_v*BV, ..)`` of one chunk of one head: store dv, and u and dx (fp32
+    scratch ``[n_chunks, H, BT, V]``, padded rows included) for ``_bwd_kgrad_kernel``.
+
+    The V-block index varies fastest along axis 0, so the programs of one chunk run side by side and
+    share its r, w, k, a, b through L2. Statements are ordered so that tiles die early.
+    """
+    pid, i_h = tl.program_id(0), tl.program_id(1)
+    i_c = pid // (V // BV)
+    col0 = (pid % (V // BV)) * BV
+    t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    cbase = i_c.to(tl.int64) * H + i_h
+    soffs = _state_offsets(K, V, col0, BV)
+    xoffs = cbase * (BT * V) + tl.arange(0, BT)[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
+
+    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, 0, BT, K))
+    e_neg = tl.exp(-g)
+    ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
+    bn = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K) * e_neg
+    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+    rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
+    A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
+    kn = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * e_neg
+    A_rk = _masked_dot_t(rg, kn, False, BT, PREC)
+    A_ak = _masked_dot_t(ag, kn, True, BT, PREC)
+
+    h0 = tl.load(states + cbase * (K * V) + soffs)
+    v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
+    x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h0, input_precision=PREC)
+    u = tl.dot(inv, x, input_precision=PREC)
+    tl.store(U + xoffs, u)
+
+    tail = tl.exp(g_last[None, :] - g)
+    dhe = tl.load(dstates + cbase * (K * V) + soffs)
+    do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
+    bt = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K) * tail
+    du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dhe, input_precision=PREC)
+    dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
+    tl.store(DX + xoffs, dx)
+
+    kt = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * tail
+    dv_c = tl.dot(tl.trans(A_rk), do_c, input_precision=PREC) + tl.dot(tl.trans(A_ak), dx, input_precision=PREC)
+    dv_c += tl.dot(kt, dhe, input_precision=PREC)
+    _store_tile(dv, dv_c, t0, nv, i_h, H, V, col0, BT, BV)
+
+
+@triton.jit
+def _bwd_kgrad_kernel(
+    r, w, k, v, a, b, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = K-columns ``[i_k*BK, ..)`` of one chunk of one head: dr, dk, da, db, dw from u
+    and dx (``_bwd_dv_kernel``).
+
+    Same formulas as ``_bwd_grad_kernel``; only the order differs: first every reduction over V (the
+    loop holds just the accumulators), then the gated tiles, recomputed after the loop. Every K-side
+    quantity is column-local in K (dw's cumulative sum runs over tokens), so K can be split in
+    blocks (``BK < K``, fewer live registers); only the [BT, BT] dA matrices need all of K, and each
+    K-block program forms them again (twice the dA products at BK = K / 2; loads of v, do, u, dx
+    shared through L2 since the K-blocks of a chunk are adjacent programs).
+    """
+    pid, i_h = tl.program_id(0), tl.program_id(1)
+    i_c = pid // (K // BK)
+    kcol0 = (pid % (K // BK)) * BK
+    krows = kcol0 + tl.arange(0, BK)
+    t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    rows = tl.arange(0, BT)
+    cbase = i_c.to(tl.int64) * H + i_h
+
+    dA_rk = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_rb = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_ak = tl.zeros([BT, BT], dtype=tl.float32)
+    dA_ab = tl.zeros([BT, BT], dtype=tl.float32)
+    drg = tl.zeros([BT, BK], dtype=tl.float32)
+    dag = tl.zeros([BT, BK], dtype=tl.float32)
+    dkt = tl.zeros([BT, BK], dtype=tl.float32)
+    dbt = tl.zeros([BT, BK], dtype=tl.float32)
+    d_end = tl.zeros([BK], dtype=tl.float32)  # sum over V of dh_end * h0: gradient of e^{g_last}
+    for i_v in range(0, V // BV):
+        col0 = i_v * BV
+        soffs = krows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]  # rows kcol0.. of the [K, V] state
+        xoffs = cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
+        v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
+        do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
+        u = tl.load(U + xoffs)
+        dx = tl.load(DX + xoffs)
+        h0 = tl.load(states + cbase * (K * V) + soffs)
+        dhe = tl.load(dstates + cbase * (K * V) + soffs)
+        dA_rk = tl.dot(do_c, tl.trans(v_c), dA_rk, input_precision=PREC)
+        dA_rb = tl.dot(do_c, tl.trans(u), dA_rb, input_precision=PREC)
+        dA_ak = tl.dot(dx, tl.trans(v_c), dA_ak, input_precision=PREC)
+        dA_ab = tl.dot(dx, tl.trans(u), dA_ab, input_precision=PREC)  # d(I-A)^-1 folded in (see fused)
+        drg = tl.dot(do_c, tl.trans(h0), drg, input_precision=PREC)
+        dag = tl.dot(dx, tl.trans(h0), dag, input_precision=PREC)
+        dkt = tl.dot(v_c, tl.trans(dhe), dkt, input_precision=PREC)
+        dbt = tl.dot(u, tl.trans(dhe), dbt, input_precision=PREC)
+        d_end += tl.sum(dhe * h0, axis=1)
+
+    dA_rk = tl.where(rows[:, None] >= rows[None, :], dA_rk, 0.0)
+    dA_rb = tl.where(rows[:, None] >= rows[None, :], dA_rb, 0.0)
+    dA_ak = tl.where(rows[:, None] > rows[None, :], dA_ak, 0.0)
+    dA_ab = tl.where(rows[:, None] > rows[None, :], dA_ab, 0.0)
+
+    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, kcol0, BT, BK))
+    e_neg = tl.exp(-g)
+    kn = _load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
+    bn = _load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
+    rg = _load_tile(r, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(g)
+    ag = _load_tile(a, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(gp)
+    drg += tl.dot(dA_rk, kn, input_precision=PREC) + tl.dot(dA_rb, bn, input_precision=PREC)
+    _store_tile(dr, drg * tl.exp(g), t0, nv, i_h, H, K, kcol0, BT, BK)
+    dg = drg * rg
+    dag += tl.dot(dA_ak, kn, input_precision=PREC) + tl.dot(dA_ab, bn, input_precision=PREC)
+    _store_tile(da, dag * tl.exp(gp), t0, nv, i_h, H, K, kcol0, BT, BK)
+    dgp = dag * ag
+
+    # Gradients with respect to g_i, gp_i and g_last, then dw as in _bwd_grad_kernel.
+    tail = tl.exp(g_last[None, :] - g)
+    dkn = tl.dot(tl.trans(dA_rk), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ak), ag, input_precision=PREC)
+    _store_tile(dk, dkn * e_neg + dkt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
+    dg = dg - dkn * kn
+    tail_terms = dkt * (_load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
+    dbn = tl.dot(tl.trans(dA_rb), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ab), ag, input_precision=PREC)
+    _store_tile(db, dbn * e_neg + dbt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
+    dg = dg - dbn * bn
+    tail_terms += dbt * (_load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
+    dg = dg - tail_terms
+    dg_last = tl.sum(tail_terms, axis=0) + d_end * tl.exp(g_last)
+    both = dg + dgp
+    rev_cumsum = tl.sum(both, axis=0)[None, :] - tl.cumsum(both, axis=0) + both
+    _store_tile(dw, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, kcol0, BT, BK)
+
+
+# ----------------------------------------------------------------------------------------------
 # Decode
 # ----------------------------------------------------------------------------------------------
 
@@ -614,6 +789,43 @@ def _warps(BT: int, K: int) -> int:
 def _parallel_warps(BT: int, K: int) -> int:
     """Warps of the one-program-per-chunk kernels, which hold many [BT, K] tiles at once (registers)."""
     return int(os.environ.get("RWKV7_WKV_PAR_WARPS", "0")) or _warps(BT, K)
+
+
+#: Gradient-kernel variants (``RWKV7_WKV_GRAD_VARIANT``, read at every backward): "fused" is the
+#: single ``_bwd_grad_kernel``; "split" is ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel`` (fewer live
+#: tiles, u and dx through fp32 scratch; see the comment above ``_bwd_dv_kernel``).
+GRAD_VARIANTS = ("fused", "split")
+
+
+def _grad_variant() -> str:
+    variant = os.environ.get("RWKV7_WKV_GRAD_VARIANT", "fused")
+    if variant not in GRAD_VARIANTS:
+        raise ValueError(f"RWKV7_WKV_GRAD_VARIANT={variant!r}: expected one of {GRAD_VARIANTS}")
+    return variant
+
+
+def _grad_block_v(V: int) -> int:
+    """V-columns per step of the gradient kernels (``RWKV7_WKV_GRAD_BV``): the fused kernel's loop
+    block (64 measured best); for "split", the V-block of one ``_bwd_dv_kernel`` program (64: one
+    program per chunk, nothing recomputed, and no spills at 8 warps; see :func:`_split_grad_tiles`)."""
+    return min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "64")))
+
+
+def _split_grad_tiles(BT: int, K: int, V: int) -> tuple[int, int]:
+    """``_bwd_kgrad_kernel``'s V-block of its loop (``RWKV7_WKV_GRAD_KBV``) and K-block per program
+    (``RWKV7_WKV_GRAD_BK``). Defaults from ptxas's spill counts for sm_90 (K = V = 64, 8 warps, no
+    GPU timing yet): BT 32: V-block 32, all of K (0 bytes spilled; K-block 32 spilled 632);
+    BT 64: V-block 16, K-block 32 (0 bytes; all of K spilled 600)."""
+    kbv = int(os.environ.get("RWKV7_WKV_GRAD_KBV", "0")) or (32 if BT <= 32 else 16)
+    bk = int(os.environ.get("RWKV7_WKV_GRAD_BK", "0")) or (K if BT <= 32 else 32)
+    return min(V, kbv), min(K, bk)
+
+
+def _grad_warps(variant: str, BT: int, K: int) -> int:
+    """Warps of the gradient kernel(s) (``RWKV7_WKV_GRAD_WARPS``). Default: "fused", those of the
+    other per-chunk kernels (:func:`_parallel_warps`); "split", 8 (both of its kernels spill less)."""
+    default = _parallel_warps(BT, K) if variant == "fused" else 8
+    return int(os.environ.get("RWKV7_WKV_GRAD_WARPS", "0")) or default
 
 
 def _stages(BT: int, K: int) -> int:
@@ -718,13 +930,31 @@ class _WKV7Function(torch.autograd.Function):
                 num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        if n_chunks:
+        variant = _grad_variant()
+        gbv, gwarps = _grad_block_v(V), _grad_warps(variant, BT, K)
+        if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
                 r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
-                H=H, K=K, V=V, BT=BT, BV=min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "64"))),
-                LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
-                num_warps=_parallel_warps(BT, K), num_stages=_stages(BT, K),
+                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                num_warps=gwarps, num_stages=_stages(BT, K),
             )
+        elif n_chunks:
+            # u and dx of every chunk (fp32, padded rows included), written by the dv kernel and read
+            # by the K-side kernel: 2 * n_chunks * H * BT * V floats.
+            U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device)
+            DX = torch.empty_like(U)
+            _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
+                r, w, k, v, a, b, do, states, dstates, dv, U, DX, cu_seqlens, chunk_indices, seq_T,
+                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                num_warps=gwarps,
+            )
+            kbv, gbk = _split_grad_tiles(BT, K, V)
+            _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
+                r, w, k, v, a, b, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,
+                seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=prec,
+                num_warps=gwarps, num_stages=_stages(BT, K),
+            )
+            del U, DX
         dh0_out = None
         if has_h0:
             shape, dtype = h0_info

@@ -56,21 +56,57 @@ def test_matches_reference(B, T, H, N, chunk, h0_kind, dtype):
     assert_close_all(ours, ref, dtype)
 
 
+# Gradient-kernel variants (RWKV7_WKV_GRAD_VARIANT, read at each backward): the default single
+# kernel, and the split pair with blocks of 16 (at N = 32: two dv programs per chunk, two steps of
+# the K-side kernel's V loop, two K-block programs).
+GRAD_VARIANTS = [
+    pytest.param({}, id="grad-fused"),
+    pytest.param({"RWKV7_WKV_GRAD_VARIANT": "split", "RWKV7_WKV_GRAD_BV": "16", "RWKV7_WKV_GRAD_KBV": "16",
+                  "RWKV7_WKV_GRAD_BK": "16"}, id="grad-split"),
+]
+
+
+@pytest.mark.parametrize("grad_env", GRAD_VARIANTS)
 @pytest.mark.parametrize("form", ["transition", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_varlen_matches_reference(dtype, form, monkeypatch):
+def test_varlen_matches_reference(dtype, form, grad_env, monkeypatch):
     """Both kernel forms: the transition form (pre-pass + scan, heads <= FAST_MAX_K) and the fused
-    serial kernels used for larger heads, forced here on a small head."""
+    serial kernels used for larger heads, forced here on a small head; each with both gradient-kernel
+    variants."""
     from rwkv7_kernels import triton_wkv7
 
     if form == "fused":
         monkeypatch.setattr(triton_wkv7, "FAST_MAX_K", 0)
+    for name, value in grad_env.items():
+        monkeypatch.setenv(name, value)
     xs = rwkv_inputs(1, 90, 2, 32, dtype, seed=3)
     cu = torch.tensor([0, 20, 21, 64, 90], dtype=torch.int32, device=DEVICE)  # includes a 1-token sequence
     h0 = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     ours = run_with_grads(wkv7_triton, xs, h0, cu_seqlens=cu, chunk_size=16)
     ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, h0, cu_seqlens=cu)
     assert_close_all(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("B,T,H,N,chunk,h0_kind", [CASES[0], CASES[3], CASES[4]])
+def test_split_grad_matches_reference(B, T, H, N, chunk, h0_kind, monkeypatch):
+    """The "split" gradient kernels on fixed-length shapes with T not a multiple of the chunk (16, 64,
+    and a 128-head in the fused serial form), with their default K-side blocks; fp32, so their math is
+    checked at fp32 tolerance."""
+    monkeypatch.setenv("RWKV7_WKV_GRAD_VARIANT", "split")
+    monkeypatch.setenv("RWKV7_WKV_GRAD_BV", "16")
+    xs = rwkv_inputs(B, T, H, N, torch.float32)
+    h0 = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ours = run_with_grads(wkv7_triton, xs, h0, chunk_size=chunk)
+    ref = run_with_grads(lambda *x, **kw: wkv7_reference(*x[:6], **kw), xs, h0)
+    assert_close_all(ours, ref, torch.float32)
+
+
+def test_unknown_grad_variant_raises(monkeypatch):
+    monkeypatch.setenv("RWKV7_WKV_GRAD_VARIANT", "nope")
+    xs = [x.requires_grad_() for x in rwkv_inputs(1, 16, 1, 16, torch.float32)]
+    o, _ = wkv7_triton(*xs, chunk_size=16)
+    with pytest.raises(ValueError, match="RWKV7_WKV_GRAD_VARIANT"):
+        o.sum().backward()
 
 
 def test_forward_only_and_dispatch():
