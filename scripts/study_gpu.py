@@ -852,7 +852,41 @@ def apply_resume(a, old: dict) -> dict:
     return ignored
 
 
+def merge(paths: list[str], out: Path) -> dict:
+    """One study from several study_gpu.json of the same base (e.g. one process per task on a 2-GPU machine, each
+    with ``--tasks <task> --large-model DIR``, plus the call that pretrained DIR): the first JSON gives the settings,
+    the bases (with the pretraining record) and its untuned evaluations (few-shot included); the others add their
+    tasks, runs, skips and any untuned evaluation the first lacks. Writes ``out/study_gpu.json`` and ``.png``."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    data = json.loads(json.dumps(parts[0]))
+    data["calibration"] = {paths[0]: parts[0].get("calibration")}
+    data["timeline"] = {"merged_from": {p: {"timeline": d.get("timeline"), "environment": d.get("environment"),
+                                            "tasks": d["settings"]["tasks"], "steps": d["settings"].get("steps")}
+                                        for p, d in zip(paths, parts)}}  # fmt: skip
+    for p, d in zip(paths[1:], parts[1:]):
+        data["tasks"].update(d.get("tasks", {}))
+        data["runs"].update(d.get("runs", {}))
+        data["teacher_reruns"] = {**data.get("teacher_reruns", {}), **d.get("teacher_reruns", {})}
+        data["skipped"] += d.get("skipped", [])
+        for k, u in d.get("untuned", {}).items():
+            data["untuned"].setdefault(k, u)
+        data["calibration"][p] = d.get("calibration")
+        data["settings"]["tasks"] = list(dict.fromkeys(data["settings"]["tasks"] + d["settings"]["tasks"]))
+    steps = sorted({r["steps"] for r in data["runs"].values() if "steps" in r})
+    data["settings"]["steps"] = steps[0] if len(steps) == 1 else steps
+    data["seed_summary"] = seed_summary(data)
+    data["claim"] = summarize_claim(data)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(data, out / "study_gpu.png")
+    (out / "study_gpu.json").write_text(json.dumps(data, indent=1, default=str))
+    print_table(data)
+    return data
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--merge":  # study_gpu.py --merge OUT A.json B.json ...
+        merge(sys.argv[3:], Path(sys.argv[2]))
+        return 0
     # One GPU (before CUDA is initialised): on a multi-GPU host Trainer would wrap the model in DataParallel.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     # Eager blocks: many short runs of many methods and shapes, each timed against a budget; compiling the blocks
