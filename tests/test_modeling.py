@@ -256,3 +256,27 @@ def test_chunked_training_loss_equals_full_loss(converted):
     model.config.chunked_loss_in_training = True
     for full, chunked in zip(*head_grads):
         torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_function_matches_cross_entropy(dtype):
+    """Several chunks (the last one partial), ignored labels: loss and both gradients equal those of
+    ``F.cross_entropy`` on the full fp32 logits of the same (rounded) inputs."""
+    from modeling_rwkv7.modeling_rwkv7 import _ChunkedLMLoss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(23, 16, generator=g) * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(50, 16, generator=g) / 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (23,), generator=g)
+    labels[[0, 7, 22]] = -100
+    total = _ChunkedLMLoss.apply(hidden, weight, labels, 5)
+    (total * 0.37).backward()
+    h_ref = hidden.detach().clone().requires_grad_()
+    w_ref = weight.detach().clone().requires_grad_()
+    logits = (h_ref @ w_ref.t()).float()
+    ref = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    (ref * 0.37).backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(total, ref, **tol)
+    torch.testing.assert_close(hidden.grad.float(), h_ref.grad.float(), **tol)
+    torch.testing.assert_close(weight.grad.float(), w_ref.grad.float(), **tol)
