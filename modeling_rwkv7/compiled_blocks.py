@@ -51,6 +51,12 @@ def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[1] > 1 and torch.is_grad_enabled()
 
 
+def has_hooks(block: nn.Module) -> bool:
+    """Forward hooks on a block (FSDP2's ``fully_shard`` puts its all-gather there): automatic compilation skips
+    such blocks, since tracing through the hooks is not measured here; ``compile_blocks=True`` still compiles them."""
+    return bool(block._forward_pre_hooks or block._forward_hooks)
+
+
 def _call_block(block: nn.Module, *args):
     return block(*args)  # hooks included (e.g. FSDP2's)
 

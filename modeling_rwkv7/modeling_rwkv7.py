@@ -36,7 +36,7 @@ from rwkv7_kernels import wkv7
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
-from .compiled_blocks import run_compiled, wants_compiled
+from .compiled_blocks import has_hooks, run_compiled, wants_compiled
 from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
@@ -520,7 +520,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         all_hidden = (x,) if output_hidden_states else None
         use_compiled = wants_compiled(self.compile_blocks, x)
         for i, block in enumerate(self.blocks):
-            run = functools.partial(run_compiled, block) if use_compiled else block
+            compile_this = use_compiled and (self.compile_blocks or not has_hooks(block))
+            run = functools.partial(run_compiled, block) if compile_this else block
             wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
             wkv0 = _fit_batch(wkv0, B)
             att0, ffn0 = _fit_batch(att0, B), _fit_batch(ffn0, B)

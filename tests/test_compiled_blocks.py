@@ -112,3 +112,24 @@ def test_models_are_freed_and_share_graphs(model, monkeypatch):
     with torch.no_grad():
         second(ids)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_blocks_with_forward_hooks_stay_eager_unless_asked(model, monkeypatch):
+    """FSDP2 puts its all-gather in forward hooks: automatic compilation leaves such blocks eager."""
+    import modeling_rwkv7.modeling_rwkv7 as modeling
+
+    compiled_calls = []
+    monkeypatch.setattr(modeling, "run_compiled", lambda block, *args: compiled_calls.append(block) or block(*args))
+    monkeypatch.setenv("RWKV7_COMPILE", "1")  # automatic compilation, also on CPU
+    m = copy.deepcopy(model)
+    handle = m.model.blocks[1].register_forward_pre_hook(lambda module, args: None)
+    ids = torch.randint(1, 300, (1, 8))
+    with torch.no_grad():
+        m(ids)
+    assert m.model.blocks[1] not in compiled_calls and m.model.blocks[0] in compiled_calls
+    compiled_calls.clear()
+    m.model.compile_blocks = True
+    with torch.no_grad():
+        m(ids)
+    assert m.model.blocks[1] in compiled_calls
+    handle.remove()
