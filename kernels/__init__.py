@@ -8,6 +8,10 @@
 Tests and benchmarks can force a path with ``backend=`` or the environment variable
 ``RWKV7_WKV_BACKEND`` (``triton``, ``torch`` or ``reference``). ``TRITON_INTERPRET=1`` makes the
 Triton path run on CPU tensors, which is how CI tests the kernels without a GPU.
+
+If a Triton kernel does not fit the GPU (``OutOfResources`` at launch, e.g. shared memory on a card
+with less of it than the H100 the block sizes were chosen for), the call takes the PyTorch path
+instead, with one warning per device, dtype and head size; later calls go there directly.
 """
 
 from __future__ import annotations
@@ -111,13 +115,27 @@ def wkv7(
     """
     _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
     backend = backend or os.environ.get("RWKV7_WKV_BACKEND") or ("triton" if r.is_cuda else "torch")
-    if backend == "triton" and r.shape[1] <= DECODE_MAX_T and cu_seqlens is None and not _needs_grad(r, w, k, v, a, b, initial_state):
-        return _decode(r, w, k, v, a, b, initial_state, output_final_state)
     if backend == "triton":
-        fn = _triton_wkv7()
-        if fn is None:
+        if _triton_wkv7() is None:
             raise RuntimeError("wkv7: the Triton backend was requested but Triton is not available here")
-    elif backend == "torch":
+        from . import triton_wkv7 as tw
+
+        # Safety net: a kernel that does not fit this GPU (shared memory, registers) raises
+        # OutOfResources at launch; then these head sizes take the PyTorch path, with one warning.
+        # A backward kernel's failure is handled inside the autograd function (torch_fallback).
+        if not tw.known_out_of_resources(r, v):
+            decode = r.shape[1] <= DECODE_MAX_T and cu_seqlens is None
+            try:
+                if decode and not _needs_grad(r, w, k, v, a, b, initial_state):
+                    return _decode(r, w, k, v, a, b, initial_state, output_final_state)
+                o, final = tw.wkv7_triton(r, w, k, v, a, b, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                          torch_fallback=True)
+                return o.to(r.dtype), final
+            except tw.OutOfResources as err:
+                tw.note_out_of_resources(err, r, v)
+        backend = "torch"
+    if backend == "torch":
         fn = wkv7_chunked_torch
     elif backend == "reference":
         fn = wkv7_reference

@@ -55,7 +55,9 @@ def wkv7_chunked_torch(
         bounds = cu_seqlens.tolist()
         outs, finals = [], []
         for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            h0 = None if initial_state is None else initial_state[n : n + 1]
+            h0 = initial_state
+            if initial_state is not None and initial_state.shape[0] > 1:  # else one state shared by all
+                h0 = initial_state[n : n + 1]
             o, hT = wkv7_chunked_torch(
                 *(x[:, start:end] for x in (r, w, k, v, a, b)),
                 initial_state=h0,

@@ -30,8 +30,9 @@ Kernels:
   end-state gradient known, recomputes the chunk and forms every input gradient. It holds all of V,
   so the gradients of the K-side inputs (sums over V) need no cross-program reduction.
 * ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel``: the same gradients in two kernels with fewer live
-  tiles (``RWKV7_WKV_GRAD_VARIANT=split``; default "fused", the kernel above): dv, u and dx per
-  (V-block, chunk, head), then the K-side gradients per (chunk, head) from u and dx.
+  tiles (``RWKV7_WKV_GRAD_VARIANT=split``; default: "fused", the kernel above, where it fits in
+  shared memory, "split" beyond, see :func:`_grad_variant`): dv, u and dx per (V-block, chunk,
+  head), then the K-side gradients per (K-block, chunk, head) from u and dx.
 * ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
   in place.
 
@@ -50,12 +51,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import OutOfResources
 
-__all__ = ["wkv7_triton", "wkv7_decode_triton", "MAX_LOG_SPAN", "RWKV7_DECAY_FLOOR"]
+__all__ = ["wkv7_triton", "wkv7_decode_triton", "MAX_LOG_SPAN", "RWKV7_DECAY_FLOOR", "OutOfResources"]
 
 #: RWKV-7's floor on the log decay: ``w = -e^{-0.5} * sigmoid(d)``.
 RWKV7_DECAY_FLOOR = -0.6065306597126334
@@ -793,31 +796,40 @@ def _parallel_warps(BT: int, K: int) -> int:
 
 #: Gradient-kernel variants (``RWKV7_WKV_GRAD_VARIANT``, read at every backward): "fused" is the
 #: single ``_bwd_grad_kernel``; "split" is ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel`` (fewer live
-#: tiles, u and dx through fp32 scratch; see the comment above ``_bwd_dv_kernel``).
+#: tiles, u and dx through fp32 scratch; see the comment above ``_bwd_dv_kernel``). H100, (8, 4096,
+#: 12, 64), bf16, BT 32, default settings of each: fwd+bwd 4.63 ms fused, 5.30 ms split.
 GRAD_VARIANTS = ("fused", "split")
 
 
-def _grad_variant() -> str:
-    variant = os.environ.get("RWKV7_WKV_GRAD_VARIANT", "fused")
+def _grad_variant(BT: int, K: int, V: int) -> str:
+    """``RWKV7_WKV_GRAD_VARIANT`` if set, else "fused" where it fits in shared memory (see "Shared
+    memory" below: up to BT * head size = 4096, i.e. every chunk at head size 64, BT <= 32 at 128, BT 16
+    at 256) and "split" beyond, whose K-side kernel works on K-blocks and whose dv kernel holds no K-side
+    accumulators."""
+    variant = os.environ.get("RWKV7_WKV_GRAD_VARIANT") or ("fused" if BT * max(K, V) <= 4096 else "split")
     if variant not in GRAD_VARIANTS:
         raise ValueError(f"RWKV7_WKV_GRAD_VARIANT={variant!r}: expected one of {GRAD_VARIANTS}")
     return variant
 
 
-def _grad_block_v(V: int) -> int:
+def _grad_block_v(variant: str, K: int, V: int) -> int:
     """V-columns per step of the gradient kernels (``RWKV7_WKV_GRAD_BV``): the fused kernel's loop
-    block (64 measured best); for "split", the V-block of one ``_bwd_dv_kernel`` program (64: one
-    program per chunk, nothing recomputed, and no spills at 8 warps; see :func:`_split_grad_tiles`)."""
-    return min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "64")))
+    block (64 measured best at head size 64; 32 above, whose [K, BV] state tiles are staged in shared
+    memory: at K = 128, BT = 32, fp32 204800 -> 155648 bytes and fewer spills); for "split", the V-block
+    of one ``_bwd_dv_kernel`` program (64: one program per chunk, nothing recomputed, and no spills at
+    8 warps; see :func:`_split_grad_tiles`)."""
+    default = 32 if variant == "fused" and K > 64 else 64
+    return min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "0")) or default)
 
 
 def _split_grad_tiles(BT: int, K: int, V: int) -> tuple[int, int]:
     """``_bwd_kgrad_kernel``'s V-block of its loop (``RWKV7_WKV_GRAD_KBV``) and K-block per program
-    (``RWKV7_WKV_GRAD_BK``). Defaults from ptxas's spill counts for sm_90 (K = V = 64, 8 warps, no
-    GPU timing yet): BT 32: V-block 32, all of K (0 bytes spilled; K-block 32 spilled 632);
-    BT 64: V-block 16, K-block 32 (0 bytes; all of K spilled 600)."""
+    (``RWKV7_WKV_GRAD_BK``). Defaults from ptxas's spill counts for sm_90 (8 warps, no GPU timing
+    yet). K = V = 64: BT 32: V-block 32, all of K (0 bytes spilled; K-block 32 spilled 632); BT 64:
+    V-block 16, K-block 32 (0 bytes; all of K spilled 600). Larger heads keep K-blocks of 64 (K = 256,
+    BT 32, fp32: 408 bytes spilled and 32 KB of shared memory; all of K: 50940 bytes and 88 KB)."""
     kbv = int(os.environ.get("RWKV7_WKV_GRAD_KBV", "0")) or (32 if BT <= 32 else 16)
-    bk = int(os.environ.get("RWKV7_WKV_GRAD_BK", "0")) or (K if BT <= 32 else 32)
+    bk = int(os.environ.get("RWKV7_WKV_GRAD_BK", "0")) or (64 if BT <= 32 else 32)
     return min(V, kbv), min(K, bk)
 
 
@@ -831,6 +843,28 @@ def _grad_warps(variant: str, BT: int, K: int) -> int:
 def _stages(BT: int, K: int) -> int:
     """Software-pipelining depth of the chunk loops: each stage buffers a chunk's tiles in shared memory."""
     return 2 if BT * K <= 2048 else 1
+
+
+# Shared memory. Every operand of a tl.dot is staged in shared memory, so the kernels that hold a
+# chunk's [BT, K] tiles need about (number of such tiles) x BT x K x 4 bytes, and a launch over the
+# GPU's limit fails with OutOfResources (sm_90: 232448 bytes per block). Measured offline for sm_90a
+# (benchmarks/kernel_smem.py, Triton 3.9; the H100's Triton 3.6 needed 8 KB more in the one case seen):
+# the fused serial kernels at head size 256 and BT 64 (bf16) need 282 KB (_fwd_kernel) and 217 KB
+# (_bwd_state_kernel); _bwd_grad_kernel (V-block 64) needs 368 KB at head size 256 and BT 32 in fp32
+# (the H100 failure), 231 KB even at BT 16 in bf16, and 360 KB at head size 128 and BT 64. Hence:
+# the chunk is capped at BT x head size <= 8192 (:func:`_max_chunk`), the gradient is computed by the
+# "split" kernels beyond BT x head size = 4096 (:func:`_grad_variant`), and the fused gradient kernel's
+# V-block and the split K-side kernel's K-block shrink for heads over 64 (:func:`_grad_block_v`,
+# :func:`_split_grad_tiles`). With these, every default launch for head sizes 64, 128, 256 (fp32,
+# bf16, every chunk) is at most 174080 bytes (_bwd_grad_kernel, K = 256, BT = 16, fp32; at the default
+# BT 32: 155648, K = 128, fp32). tests/test_kernels_triton.py checks part of this table offline.
+
+
+def _max_chunk(K: int, V: int, dtype: torch.dtype) -> int:
+    """Largest chunk for this head size and dtype (shared memory, see above). fp32 inputs stop at 32:
+    their full-precision products stage more (K = 64, BT = 64: 240 KB measured on the H100)."""
+    cap = 32 if dtype == torch.float32 else 64
+    return max(_CHUNK_SIZES[-1], min(cap, 8192 // max(K, V)))
 
 
 def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -847,14 +881,12 @@ def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Ten
 
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size):
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size, torch_fallback):
         B, T, H, K = r.shape
         V = v.shape[-1]
         dtype = r.dtype
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-        # fp32 inputs use full-precision ("ieee") products, whose operand staging needs more shared
-        # memory than an H100 has at BT = 64 (measured: 240 KB > 227 KB), so they stop at 32.
-        BT = _pick_chunk_size(w, min(chunk_size, 32) if dtype == torch.float32 else chunk_size)
+        BT = _pick_chunk_size(w, min(chunk_size, _max_chunk(K, V, dtype)))
         BV = _block_v(K, V)
         varlen = cu_seqlens is not None
         if varlen:
@@ -895,10 +927,27 @@ class _WKV7Function(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices)
             ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
+            # Kept for the PyTorch fallback of the backward only. Not in save_for_backward: the kernels
+            # never read h0 (the chunk states hold it), so modifying it in place after the forward stays
+            # legal, as it was before the fallback existed (only a fallback would then see the new values).
+            ctx.torch_fallback = torch_fallback
+            ctx.h0 = None if h0 is None or not torch_fallback else h0.detach()
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
+        try:
+            grads = _WKV7Function._kernel_backward(ctx, do, dht)
+        except OutOfResources as err:
+            if not ctx.torch_fallback:  # a direct wkv7_triton call (tests, benchmarks): no fallback
+                raise
+            r, w, k, v, a, b, _, cu_seqlens = ctx.saved_tensors[:8]
+            note_out_of_resources(err, r, v)
+            grads = _torch_backward((r, w, k, v, a, b), ctx.h0, cu_seqlens, do, dht)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def _kernel_backward(ctx, do, dht):
         r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices = ctx.saved_tensors
         BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
         B, T, H, K = r.shape
@@ -930,8 +979,8 @@ class _WKV7Function(torch.autograd.Function):
                 num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        variant = _grad_variant()
-        gbv, gwarps = _grad_block_v(V), _grad_warps(variant, BT, K)
+        variant = _grad_variant(BT, K, V)
+        gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
                 r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
@@ -959,7 +1008,61 @@ class _WKV7Function(torch.autograd.Function):
         if has_h0:
             shape, dtype = h0_info
             dh0_out = (dh0.sum(0, keepdim=True) if shape[0] == 1 and n_seq > 1 else dh0).to(dtype)
-        return dr, dw, dk, dv, da, db, dh0_out, None, None, None
+        return dr, dw, dk, dv, da, db, dh0_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Safety net: a launch that does not fit the GPU (OutOfResources) -> the chunked PyTorch path
+# ----------------------------------------------------------------------------------------------
+
+#: (device, dtype, K, V) of inputs for which a launch raised OutOfResources in this process; the
+#: dispatcher (:func:`rwkv7_kernels.wkv7`) sends them straight to the PyTorch path from then on.
+OUT_OF_RESOURCES: set = set()
+
+
+def _oor_key(r: torch.Tensor, v: torch.Tensor) -> tuple:
+    return (str(r.device), r.dtype, r.shape[-1], v.shape[-1])
+
+
+def known_out_of_resources(r: torch.Tensor, v: torch.Tensor) -> bool:
+    return _oor_key(r, v) in OUT_OF_RESOURCES
+
+
+def note_out_of_resources(err: Exception, r: torch.Tensor, v: torch.Tensor) -> None:
+    """Remember that these head sizes do not fit, and say so once (per device, dtype and head size).
+
+    The launch-time block sizes are chosen to fit an H100 (see "Shared memory" above), so this is for
+    GPUs with less shared memory per block (A100: 163 KB, consumer cards: ~99 KB), head sizes
+    outside those checked, or a forced setting (``RWKV7_WKV_GRAD_VARIANT=fused`` at head size 256)."""
+    key = _oor_key(r, v)
+    if key in OUT_OF_RESOURCES:
+        return
+    OUT_OF_RESOURCES.add(key)
+    B, T, H, K = r.shape
+    warnings.warn(
+        f"wkv7: a Triton kernel does not fit this GPU for (B, T, H, K, V) = ({B}, {T}, {H}, {K}, {v.shape[-1]}), "
+        f"{r.dtype} on {r.device} ({err}). Falling back to the chunked PyTorch path (slower, more memory) for "
+        f"K={K}, V={v.shape[-1]} in this process; set RWKV7_WKV_BACKEND=torch to choose that path up front.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _torch_backward(xs, h0, cu_seqlens, do, dht):
+    """Gradients of r, w, k, v, a, b and h0 by autograd through the chunked PyTorch path (recomputes
+    the forward; used when a backward kernel does not fit the GPU)."""
+    from .chunked_torch import wkv7_chunked_torch
+
+    with torch.enable_grad():
+        ins = [x.detach().requires_grad_() for x in xs] + ([] if h0 is None else [h0.detach().requires_grad_()])
+        o, ht = wkv7_chunked_torch(*ins[:6], initial_state=None if h0 is None else ins[6],
+                                   output_final_state=dht is not None, cu_seqlens=cu_seqlens)
+        outs, grad_outs = [o], [do.to(o.dtype)]
+        if dht is not None:
+            outs.append(ht)
+            grad_outs.append(dht.to(ht.dtype))
+        grads = torch.autograd.grad(outs, ins, grad_outs)
+    return (*grads, None) if h0 is None else grads
 
 
 def _check(r, v, initial_state) -> None:
@@ -982,6 +1085,7 @@ def wkv7_triton(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    torch_fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked WKV-7 with autograd (gradients of r, w, k, v, a, b and ``initial_state``).
 
@@ -990,12 +1094,15 @@ def wkv7_triton(
     its gradient summed) fp32, ``cu_seqlens`` ``[N+1]`` for packed sequences (then ``B == 1`` and one
     initial state per sequence). Returns ``o`` in the input dtype and the fp32 final state (or None).
     ``chunk_size`` (16, 32 or 64) overrides the default; it is shortened for steep decays.
+    ``torch_fallback`` (set by the dispatcher): if a backward kernel raises ``OutOfResources``, compute
+    the gradients with the PyTorch path instead (:func:`note_out_of_resources` warns once). A forward
+    kernel's ``OutOfResources`` always propagates; the dispatcher catches it.
     """
     _check(r, v, initial_state)
     # Each tensor keeps its own dtype (the kernels upcast on load): an fp32 log decay next to bf16
     # activations is not rounded to bf16. Gradients come back in each input's dtype.
     o, ht = _WKV7Function.apply(
-        r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK
+        r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK, torch_fallback
     )
     return o, ht
 

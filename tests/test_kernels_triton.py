@@ -5,6 +5,9 @@ state), with a gradient flowing into the final state too, by relative norm error
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (see conftest.py)
 
@@ -38,6 +41,8 @@ CASES = [
     pytest.param(3, 37, 2, 32, 16, "bcast", id="N32-T37-bt16-bcast"),
     pytest.param(1, 80, 1, 32, 64, "full", id="N32-T80-bt64-h0"),
     pytest.param(1, 40, 1, 128, 32, "full", id="N128-T40-bt32-h0"),
+    # head size 256 (upscaled states): chunk 64 asked, 32 run (shared memory), "split" gradient kernels
+    pytest.param(1, 40, 1, 256, 64, "full", id="N256-T40-bt64-h0"),
 ]
 
 
@@ -150,3 +155,118 @@ def test_decode_matches_reference(dtype):
     o = torch.cat(outs, dim=1)
     assert o.dtype == dtype
     assert rel(o, o_ref) < TOL[dtype] and rel(state, ht_ref) < 1e-4  # the state stays fp32
+
+
+# ----------------------------------------------------------------------------------------------
+# Safety net: a kernel that does not fit the GPU (OutOfResources at launch) -> the PyTorch path
+# ----------------------------------------------------------------------------------------------
+
+
+class _DoesNotFit:
+    """Stands in for a kernel: every launch raises OutOfResources, as the H100 did for head size 256."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches += 1
+            raise triton.runtime.OutOfResources(376832, 232448, "shared memory")
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "kernel,varlen",
+    [
+        pytest.param("_scan_fwd_kernel", False, id="forward"),  # caught by the dispatcher
+        pytest.param("_bwd_grad_kernel", True, id="backward-varlen-bcast"),  # caught inside the autograd function
+        pytest.param("_decode_kernel", False, id="decode"),
+    ],
+)
+def test_out_of_resources_falls_back_to_torch(kernel, varlen, monkeypatch):
+    """Correct results through the PyTorch path, one warning naming the shape and RWKV7_WKV_BACKEND,
+    and later calls with the same head size go to PyTorch without trying the kernel again."""
+    import warnings
+
+    from rwkv7_kernels import triton_wkv7
+
+    monkeypatch.setattr(triton_wkv7, "OUT_OF_RESOURCES", set())
+    broken = _DoesNotFit()
+    monkeypatch.setattr(triton_wkv7, kernel, broken)
+    T = 3 if kernel == "_decode_kernel" else 37
+    xs = rwkv_inputs(1 if varlen else 2, T, 2, 16, torch.float32, seed=11)
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=DEVICE) if varlen else None
+    h0 = torch.randn(1 if varlen else 2, 2, 16, 16, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+
+    def ours():
+        if kernel == "_decode_kernel":  # no gradient: the dispatcher's decode path
+            return wkv7(*xs, initial_state=h0, output_final_state=True, backend="triton")
+        return run_with_grads(lambda *x, **kw: wkv7(*x, backend="triton", **kw), xs, h0, cu_seqlens=cu)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ours()
+        second = ours()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "(B, T, H, K, V) = (" in messages[0] and "RWKV7_WKV_BACKEND" in messages[0], messages[0]
+    assert broken.launches == 1  # the second call did not try the kernel
+    if kernel == "_decode_kernel":
+        ref = wkv7_reference(*xs, initial_state=h0, output_final_state=True)
+        assert all(rel(x, y) < 1e-4 for x, y in zip(first, ref))
+    else:
+        ref = run_with_grads(lambda *x, **kw: wkv7_reference(*x[:6], **kw), xs, h0, cu_seqlens=cu)
+        assert_close_all(first, ref, torch.float32)
+        assert_close_all(second, ref, torch.float32)
+
+
+def test_out_of_resources_propagates_from_wkv7_triton(monkeypatch):
+    """Called directly (tests, benchmarks), the kernels do not fall back: the error reaches the caller."""
+    from rwkv7_kernels import triton_wkv7
+
+    monkeypatch.setattr(triton_wkv7, "_bwd_grad_kernel", _DoesNotFit())
+    xs = [x.requires_grad_() for x in rwkv_inputs(1, 16, 1, 16, torch.float32)]
+    o, _ = wkv7_triton(*xs, chunk_size=16)
+    with pytest.raises(triton.runtime.OutOfResources):
+        o.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared memory on an H100, checked without a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def test_block_choice_by_head_size(monkeypatch):
+    """The launch code's per-head-size choices that keep every kernel inside sm_90's shared memory."""
+    from rwkv7_kernels.triton_wkv7 import _grad_block_v, _grad_variant, _max_chunk, _split_grad_tiles
+
+    monkeypatch.delenv("RWKV7_WKV_GRAD_VARIANT", raising=False)
+    for name in ("RWKV7_WKV_GRAD_BV", "RWKV7_WKV_GRAD_BK", "RWKV7_WKV_GRAD_KBV"):
+        monkeypatch.delenv(name, raising=False)
+    assert [_max_chunk(n, n, torch.bfloat16) for n in (64, 128, 256)] == [64, 64, 32]
+    assert [_max_chunk(n, n, torch.float32) for n in (64, 128, 256)] == [32, 32, 32]
+    assert [_grad_variant(bt, 64, 64) for bt in (16, 32, 64)] == ["fused"] * 3
+    assert [_grad_variant(bt, 128, 128) for bt in (16, 32, 64)] == ["fused", "fused", "split"]
+    assert [_grad_variant(bt, 256, 256) for bt in (16, 32)] == ["fused", "split"]
+    blocks = [_grad_block_v(variant, n, n) for variant, n in (("fused", 64), ("fused", 128), ("split", 256))]
+    assert blocks == [64, 32, 64]
+    assert _split_grad_tiles(32, 64, 64) == (32, 64) and _split_grad_tiles(32, 256, 256) == (32, 64)
+    monkeypatch.setenv("RWKV7_WKV_GRAD_VARIANT", "fused")  # an explicit choice wins (it may not fit)
+    assert _grad_variant(32, 256, 256) == "fused"
+
+
+def test_kernels_fit_h100_shared_memory():
+    """Every kernel launched for head sizes 128 and 256 (bf16, chunks 32 and 64, default gradient
+    variant), compiled for sm_90a by benchmarks/kernel_smem.py without a GPU, needs <= 200 KB of shared
+    memory (H100: 227 KB; margin for the GPU's older Triton). Before the per-head-size choices,
+    _bwd_grad_kernel needed 303 KB here (head 256, BT 32; 368 KB in fp32, the H100 failure). bf16 only
+    to stay under ~25 s on 2 CPU cores (fp32 at head 256 compiles slowly, heavy spills); run the script
+    for the full table (64/128/256, fp32 and bf16, chunks 16/32/64, both gradient variants: ~3 min)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_smem.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--heads", "128,256", "--dtypes", "bf16", "--chunks", "32,64", "--variants", "default"]
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
