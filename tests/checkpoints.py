@@ -87,6 +87,19 @@ def make_base_folder(tmp_dir: str | os.PathLike, **kwargs) -> Path:
     return convert_rwkv_checkpoint(pth, Path(tmp_dir) / "hf", with_tokenizer=False)
 
 
+def random_hf_model(**kwargs):
+    """A random official checkpoint (``random_official_state_dict(**kwargs)``) as an in-memory
+    ``Rwkv7ForCausalLM`` in fp32 (no files)."""
+    from modeling_rwkv7 import Rwkv7ForCausalLM
+    from modeling_rwkv7.convert import config_from_official, official_to_hf
+
+    sd = random_official_state_dict(**kwargs)
+    cfg = config_from_official(sd)
+    model = Rwkv7ForCausalLM(cfg)
+    model.load_state_dict(official_to_hf(sd, cfg))
+    return model
+
+
 def load_base(folder: str | os.PathLike):
     """The base model of ``folder`` in fp32, eval mode."""
     from transformers import AutoModelForCausalLM

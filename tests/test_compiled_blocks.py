@@ -16,19 +16,12 @@ import peft_state_tuning  # noqa: F401
 from peft import get_peft_model
 from peft_state_tuning import StateTuningConfig
 
-from checkpoints import random_official_state_dict
+from checkpoints import random_hf_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    from modeling_rwkv7 import Rwkv7ForCausalLM
-    from modeling_rwkv7.convert import config_from_official, official_to_hf
-
-    sd = random_official_state_dict(vocab=300, hidden=128, layers=3, seed=4)
-    cfg = config_from_official(sd)
-    m = Rwkv7ForCausalLM(cfg)
-    m.load_state_dict(official_to_hf(sd, cfg))
-    return m
+    return random_hf_model(vocab=300, hidden=128, layers=3, seed=4)
 
 
 def _state_grads(model, ids, mask, compile_blocks: bool, checkpointing: bool):

@@ -1,5 +1,5 @@
-"""GPU-only checks (skipped without CUDA; run them on the device machine):
-the model on the Triton kernels against the CPU path, and CUDA-graph decoding against eager decoding."""
+"""GPU-only checks (skipped without CUDA; run them on the device machine): the model on the Triton kernels
+against the CPU path, CUDA-graph decoding against eager decoding, and compiled blocks against eager blocks."""
 
 from __future__ import annotations
 
@@ -14,16 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def model():
-    from modeling_rwkv7 import Rwkv7ForCausalLM
-    from modeling_rwkv7.convert import config_from_official, official_to_hf
+    from checkpoints import random_hf_model
 
-    from checkpoints import random_official_state_dict
-
-    sd = random_official_state_dict(vocab=1000, hidden=256, layers=4, seed=3)
-    cfg = config_from_official(sd)
-    m = Rwkv7ForCausalLM(cfg)
-    m.load_state_dict(official_to_hf(sd, cfg))
-    return m.eval()
+    return random_hf_model(vocab=1000, hidden=256, layers=4, seed=3).eval()
 
 
 def test_triton_model_matches_cpu_model(model):
