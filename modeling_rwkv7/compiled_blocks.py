@@ -1,4 +1,4 @@
-"""Regional ``torch.compile`` of the RWKV-7 blocks (CUDA training and prefill).
+"""Regional ``torch.compile`` of the RWKV-7 blocks (by default: training on CUDA).
 
 Why: outside the WKV kernel a block is a long chain of small elementwise ops (token shift, six lerps,
 sigmoids, the L2 norm of ``kk``, GroupNorm, bonus, gate, ReLU^2, residuals). Eagerly each one reads and
@@ -9,9 +9,10 @@ for the backward.
 
 How: each block runs as a compiled region (the pattern PyTorch documents as "regional compilation"),
 through one compiled function that takes the block as an argument: blocks 1..L-1 share the same graphs
-(module parameters are graph inputs), block 0 (which owns ``ln0`` and the value residual) gets its own. The WKV call itself is excluded
-(``torch.compiler.disable`` in ``Rwkv7TimeMix._wkv``): it is our Triton autograd Function, and the upscaled
-states' extension reads the cache that is being filled.
+(module parameters are graph inputs), block 0 (which owns ``ln0`` and the value residual) gets its own.
+The WKV call itself is excluded (``torch.compiler.disable`` in ``Rwkv7TimeMix._wkv``): it is our Triton
+autograd Function, and the upscaled states' extension reads the cache that is being filled. Measured on an
+H100 (bench_train.py, 0.1B, B = 8, T = 4096): 188k tok/s compiled vs 132k eager, peak 18.3 vs 21.1 GB.
 
 When: automatically for CUDA inputs of more than one token with gradients on, i.e. training, where the
 compilation (tens of seconds, once per shape family) is paid back within a few steps. Inference stays
