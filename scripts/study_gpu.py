@@ -69,12 +69,16 @@ What it does, in order (docs/results.md, section 3):
    (16 virtual tokens; 3e-2), ``full`` (all weights; 2e-4), and ``observer``: state tuning of the SMALL base with
    ``ObserverCallback`` whose observer is the LARGER base after full fine-tuning on the same task's training split
    (run ``<task>/large/full``; ``--observer-alpha`` 0.5, ``--observer-temperature`` 1; ``--observer-source
-   large_untuned`` for the untuned larger base instead). On the large base:
-   ``full`` (the observer), then, budget permitting, ``state`` and ``lora``. Seeds ``--seeds`` (0 1 2) for
-   ``state`` and ``lora`` on ``book``, budget permitting. Order of the core runs (phase 0), per task, so that a
-   call cut short has the most useful ones: small ``state``, ``lora``, ``full``, ``prompt``, ``upscaled_128``,
-   large ``full`` then small ``observer`` right after it, small ``upscaled_256``, ``upscaled_128_dbp``; then the
-   extra seeds (phase 1), then the large base's ``state`` / ``lora`` (phase 2).
+   large_untuned`` for the untuned larger base instead); ``example``: plain state tuning run through the
+   user-facing HF Trainer script ``examples/train_state_tuning.py`` in its own process (the task as
+   prompt/completion jsonl files, the ``state`` run's steps, batch, learning rate and seed), its saved adapter then
+   loaded with ``PeftModel.from_pretrained`` and evaluated like the others (on the CPU it reproduces the ``state``
+   run's eval loss: tests/test_study_smoke.py). On the large base: ``full`` (the observer), then, budget
+   permitting, ``state``, ``lora`` and ``example``. Seeds ``--seeds`` (0 1 2) for ``state`` and ``lora`` on
+   ``book``, budget permitting. Order of the core runs (phase 0), per task, so that a call cut short has the most
+   useful ones: small ``state``, ``lora``, ``full``, ``prompt``, ``upscaled_128``, large ``full`` then small
+   ``observer`` right after it, small ``upscaled_256``, ``upscaled_128_dbp``, ``example``; then the extra seeds
+   (phase 1), then the large base's ``state`` / ``lora`` / ``example`` (phase 2).
 4. **The paper's claim** (a smaller state-tuned model beats a larger untuned one): both untuned bases are evaluated
    zero-shot, the larger one also few-shot (one training example per class in the prompt; ``--small-fewshot``
    for the small base's few-shot too, off by default as the claim compares with the larger base and cache-free
@@ -103,6 +107,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 import traceback
@@ -142,12 +147,14 @@ from peft_state_tuning import demo
 demo.load_kjv = functools.lru_cache(maxsize=None)(demo.load_kjv)  # read the corpus once (demo.book_task calls it)
 
 # in the order of the core runs (build_plan; ``observer`` comes right after its teacher, large/full)
-SMALL_METHODS = ["state", "lora", "full", "prompt", "upscaled_128", "observer", "upscaled_256", "upscaled_128_dbp"]
-DEFAULT_LR = {"state": 0.3, "upscaled": 0.3, "lora": 2e-3, "prompt": 3e-2, "full": 2e-4, "observer": 0.3}
+SMALL_METHODS = ["state", "lora", "full", "prompt", "upscaled_128", "observer", "upscaled_256", "upscaled_128_dbp",
+                 "example"]
+DEFAULT_LR = {"state": 0.3, "upscaled": 0.3, "lora": 2e-3, "prompt": 3e-2, "full": 2e-4, "observer": 0.3, "example": 0.3}
 LABELS = {
     "state": "state tuning", "upscaled_128": "upscaled state M=128", "upscaled_256": "upscaled state M=256",
     "upscaled_128_dbp": "upscaled M=128 + DBP", "lora": "LoRA r=8", "prompt": "prompt tuning (16 tok)",
     "full": "full fine-tuning", "observer": "state + observer (large full-FT)",
+    "example": "state tuning via examples/train_state_tuning.py",
 }  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,6 +465,8 @@ def run_one(ctx: dict, task: dict, base: str, method: str, seed: int, steps: int
     from peft_state_tuning import DecorrelatedOptimizer, ObserverCallback
 
     a, device, tok = ctx["args"], ctx["device"], ctx["tok"]
+    if method == "example":
+        return run_example(ctx, task, base, seed, steps, evaluate_after)
     t0 = time.perf_counter()
     gc.collect()
     if device.type == "cuda":
@@ -541,6 +550,50 @@ def run_one(ctx: dict, task: dict, base: str, method: str, seed: int, steps: int
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def run_example(ctx: dict, task: dict, base: str, seed: int, steps: int, evaluate_after: bool = True) -> dict:
+    """Plain state tuning through the user-facing HF Trainer example, ``examples/train_state_tuning.py``, in a
+    process of its own: the task written as prompt/completion jsonl files (``train.jsonl``, ``test.jsonl``), the
+    same steps, batch, learning rate, warm-up and seed as the ``state`` run (``--no_eos``: the same tokens as the
+    other runs). Then the adapter it saved is loaded onto the base with ``PeftModel.from_pretrained`` and evaluated
+    like every other run; the example's own metrics (eval token accuracy and perplexity on 64 eval rows) are kept."""
+    from peft import PeftModel
+
+    a, device, tok = ctx["args"], ctx["device"], ctx["tok"]
+    t0 = time.perf_counter()
+    folder = Path(a.work_dir) / f"example_{task['name']}_{base}_seed{seed}"
+    data_dir, out_dir = folder / "data", folder / "adapter"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", task["train"]), ("test", task["eval"])):
+        lines = [json.dumps({"prompt": e["prompt"], "completion": e["answer"]}) for e in rows]
+        (data_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--model_name_or_path", str(ctx["base_dirs"][base]), "--dataset", str(data_dir), "--prompt_column", "prompt",
+            "--completion_column", "completion", "--no_eos", "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", str(lr_of("example", a)),
+            "--warmup_steps", str(min(10, steps // 10)), "--seed", str(seed), "--output_dir", str(out_dir),
+            "--logging_steps", str(max(1, steps // 20)), "--max_eval_samples", "64", "--disable_tqdm"]  # fmt: skip
+    if device.type != "cuda":
+        args.append("--use_cpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_state_tuning.py"), *args],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"examples/train_state_tuning.py exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2500:]}")
+    metrics = json.loads((out_dir / "all_results.json").read_text())
+    res = {"task": task["name"], "base": base, "method": "example", "label": LABELS["example"], "seed": seed,
+           "lr": lr_of("example", a), "steps": steps, "batch_size": a.batch_size,
+           "command": "examples/train_state_tuning.py " + " ".join(args), "example_metrics": metrics,
+           "train_seconds": metrics.get("train_runtime"), "peak_gpu_mib_train": None,
+           "base_parameters": ctx["base_params"][base]}  # fmt: skip
+    res["step_seconds"] = (res["train_seconds"] or 0.0) / max(1, steps)
+    model = PeftModel.from_pretrained(load_base(ctx["base_dirs"][base], device), str(out_dir)).to(device)
+    res["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "state_tuning" in n)
+    if evaluate_after:
+        res["after"] = evaluate(model, tok, task, token_budget=a.eval_token_budget, greedy_max_new=a.greedy_max_new)
+    res["wall_seconds"] = time.perf_counter() - t0
+    return res
+
 
 
 def run_guarded(ctx: dict, kind: str, fn, *args, **kwargs):
@@ -782,7 +835,8 @@ def parse_args(argv=None):
     ap.add_argument("--large-batch", type=int, default=64)
     ap.add_argument("--tasks", nargs="+", default=["book", "genre"], choices=list(TASKS))
     ap.add_argument("--methods", nargs="+", default=SMALL_METHODS, choices=SMALL_METHODS)
-    ap.add_argument("--large-methods", nargs="*", default=["state", "lora"], choices=["state", "lora", "full"])
+    ap.add_argument("--large-methods", nargs="*", default=["state", "lora", "example"],
+                    choices=["state", "lora", "full", "example"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None,
                     help="fix the steps and keep every phase (the probes still run; the fit is only recorded)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -127,13 +128,13 @@ def test_budget_picks_steps_and_drops_optional_phases(sg):
     assert [r["key"] for r in plan if r["phase"] == 0][:1] == ["book/small/state/seed0"]
     keys = [r["key"] for r in plan]
     assert keys.index("book/large/full/seed0") < keys.index("book/small/observer/seed0")
-    assert len(plan) == 2 * 9 + 4 + 4
+    assert len(plan) == 2 * 10 + 4 + 4
     cal = {"runs": {f"{r['base']}/{r['method']}": {"step": 0.05, "setup": 1.0, "fwd_factor": 1.0} for r in plan},
            "eval": {f"{t}/{b}": 2.0 for t in A.tasks for b in ("small", "large")}}  # fmt: skip
     steps, top = sg.choose_steps(plan, cal, 1e6, A)
     assert (steps, top) == (300, 2)
     fixed0 = sum(sg.estimate(r, 0, cal) for r in plan if r["phase"] == 0)
-    steps, top = sg.choose_steps(plan, cal, fixed0 + 18 * 0.05 * 160, A)  # core fits 160 steps, not all phases
+    steps, top = sg.choose_steps(plan, cal, fixed0 + 20 * 0.05 * 160, A)  # core fits 160 steps, not all phases
     assert top == 0 and steps == 160
     steps, top = sg.choose_steps(plan, cal, fixed0 + 1.0, A)
     assert (steps, top) == (30, 0)  # never below --min-steps
@@ -145,11 +146,11 @@ def test_plan_order(sg):
 
     plan = sg.build_plan(A)
     core = ["small/state", "small/lora", "small/full", "small/prompt", "small/upscaled_128", "large/full",
-            "small/observer", "small/upscaled_256", "small/upscaled_128_dbp"]  # fmt: skip
+            "small/observer", "small/upscaled_256", "small/upscaled_128_dbp", "small/example"]  # fmt: skip
     want = [f"{t}/{k}/seed0" for t in A.tasks for k in core]
     want += ["book/small/state/seed1", "book/small/lora/seed1", "book/large/state/seed0", "genre/large/state/seed0"]
     assert [r["key"] for r in plan] == want
-    assert [r["phase"] for r in plan] == [0] * 18 + [1, 1, 2, 2]
+    assert [r["phase"] for r in plan] == [0] * 20 + [1, 1, 2, 2]
 
 
 def test_resume_needs_large_model(sg, tmp_path):
@@ -193,3 +194,17 @@ def test_two_calls_resume_smoke(sg, tmp_path):
     assert d2["untuned"] == d1["untuned"] and d2["calibration"] == d1["calibration"]
     assert d2["bases"]["large"]["parameters"] == d1["bases"]["large"]["parameters"]
     assert d2["settings"]["plan_call"]["2"] == ["book/large/full/seed0 (teacher rerun)", "book/small/observer/seed0"]
+
+
+def test_example_run_equals_the_state_run(tmp_path):
+    """``example`` (state tuning through examples/train_state_tuning.py, in its own process) and ``state`` (the
+    study's own Trainer) see the same data, steps, learning rate and seed: the same adapter, so the same metrics."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "scripts" / "study_gpu.py"), "--out", str(out), "--smoke", "--tasks", "book",
+           "--methods", "state", "example", "--large-methods", "--seeds", "0", "--no-fewshot",
+           "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    runs = json.loads((out / "study_gpu.json").read_text())["runs"]
+    state, example = runs["book/small/state/seed0"]["after"], runs["book/small/example/seed0"]["after"]
+    assert abs(state["eval_loss"] - example["eval_loss"]) < 1e-3
+    assert runs["book/small/example/seed0"]["example_metrics"]["train_runtime"] > 0
