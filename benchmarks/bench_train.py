@@ -19,7 +19,9 @@ import traceback
 import torch
 
 import peft_state_tuning  # noqa: F401
-from common import RESULTS, device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results
+from common import (
+    RESULTS, cuda_kernel_ms, device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results,
+)
 from peft import LoraConfig, get_peft_model
 from peft_state_tuning import StateTuningConfig
 
@@ -41,17 +43,7 @@ def measure(step, tokens: int) -> dict:
 
 def kernel_breakdown(step, iters: int = 2) -> dict:
     """Where a step's GPU time goes (torch.profiler): ms per step by kernel family, and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    kernels = {}
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[evt.key[:90]] = kernels.get(evt.key[:90], 0.0) + t / 1e3 / iters
+    kernels = cuda_kernel_ms(step, iters)
 
     def family(name: str) -> str:
         low = name.lower()

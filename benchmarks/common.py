@@ -72,3 +72,19 @@ def restrict_fla_autotune():
         return original(kept, *args, **kwargs)
 
     triton.autotune = autotune
+
+
+def cuda_kernel_ms(step, iters: int) -> dict[str, float]:
+    """Mean CUDA milliseconds per call of ``step`` of each kernel it launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows[evt.key[:90]] = rows.get(evt.key[:90], 0.0) + t / 1e3 / iters
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))

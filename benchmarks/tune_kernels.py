@@ -27,13 +27,11 @@ import time
 import torch
 
 from bench_kernels import ShapeData, bench_variant, fla_fn, ours_fn
-from common import RESULTS, restrict_fla_autotune
+from common import RESULTS, cuda_kernel_ms, restrict_fla_autotune
 
 
 def kernel_profile(data, fn, iters: int = 5) -> dict[str, float]:
     """Mean CUDA milliseconds per forward+backward of each kernel launched by ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
     ins = [x.detach().clone().requires_grad_() for x in data.xs]
     hh = data.h0.detach().clone().requires_grad_()
     do_b = data.do.to(torch.bfloat16)
@@ -44,16 +42,7 @@ def kernel_profile(data, fn, iters: int = 5) -> dict[str, float]:
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    rows = {}
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t:
-            rows[evt.key[:80]] = t / 1e3 / iters
-    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+    return cuda_kernel_ms(step, iters)
 
 
 def worth_running(variant: str, bt: int, gbv: int, gwarps: int) -> bool:
