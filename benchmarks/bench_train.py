@@ -147,18 +147,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--runs", nargs="*", default=None, help="run only these (names as in the JSON)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run-timeout", type=float, default=150.0, help="seconds per configuration (its own process)")
     parser.add_argument("--profile", action="store_true", help="add a per-kernel-family breakdown of one step")
     args = parser.parse_args()
     global PROFILE
     PROFILE = args.profile
     restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
     results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
-    runs = {
+    runs = {  # the peer first: a run cut by a time limit still has it to compare with
+        "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
         "ours_state_tuning": lambda: ours(args.batch, args.seq, checkpointing=False),
         "ours_state_tuning_ckpt": lambda: ours(args.batch, args.seq, checkpointing=True),
         "ours_state_tuning_eager": lambda: ours(args.batch, args.seq, checkpointing=False, compile_blocks=False),
         "ours_lora_r16": lambda: lora(args.batch, args.seq),
-        "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
     }
     names = [n for n in runs if args.runs is None or n in args.runs]
     if args.child:  # one run in this process; the parent reads the line below
@@ -169,12 +170,16 @@ def main() -> None:
         # Each run in a fresh process: peak memory, allocator and compiled graphs start clean.
         cmd = [sys.executable, __file__, "--child", "--runs", name, "--batch", str(args.batch), "--seq", str(args.seq)]
         cmd += ["--profile"] if args.profile else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode == 0 and lines:
-            results["runs"][name] = json.loads(lines[-1][len("RESULT ") :])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
+        except subprocess.TimeoutExpired as err:
+            results["runs"][name] = {"error": f"timed out after {args.run_timeout} s", "trace": str(err.stdout)[-3000:]}
         else:
-            results["runs"][name] = {"error": f"exit code {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-3000:]}
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode == 0 and lines:
+                results["runs"][name] = json.loads(lines[-1][len("RESULT ") :])
+            else:
+                results["runs"][name] = {"error": f"exit code {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-3000:]}
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
         write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
     peer = results["runs"].get("fla_state_tuning", {})
