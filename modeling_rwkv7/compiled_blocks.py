@@ -53,9 +53,11 @@ def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
 
 
 def has_hooks(block: nn.Module) -> bool:
-    """Forward hooks on a block (FSDP2's ``fully_shard`` puts its all-gather there): automatic compilation skips
-    such blocks, since tracing through the hooks is not measured here; ``compile_blocks=True`` still compiles them."""
-    return bool(block._forward_pre_hooks or block._forward_hooks)
+    """Forward hooks on a block or inside it: FSDP2's all-gather (on the block), DBP's statistics (on
+    ``att.receptance``), the upscaling's key collection (on ``att.key``). Automatic compilation leaves such blocks
+    eager: hooks with side effects are not something to trace unmeasured, and one added after a graph was built
+    must still run. ``compile_blocks=True`` compiles them anyway."""
+    return any(m._forward_pre_hooks or m._forward_hooks for m in block.modules())
 
 
 def _call_block(block: nn.Module, *args):

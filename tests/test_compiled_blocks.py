@@ -108,7 +108,8 @@ def test_models_are_freed_and_share_graphs(model, monkeypatch):
 
 
 def test_blocks_with_forward_hooks_stay_eager_unless_asked(model, monkeypatch):
-    """FSDP2 puts its all-gather in forward hooks: automatic compilation leaves such blocks eager."""
+    """FSDP2 puts its all-gather in forward hooks of a block, DBP its statistics in hooks inside one: automatic
+    compilation leaves such blocks eager."""
     import modeling_rwkv7.modeling_rwkv7 as modeling
 
     compiled_calls = []
@@ -116,13 +117,40 @@ def test_blocks_with_forward_hooks_stay_eager_unless_asked(model, monkeypatch):
     monkeypatch.setenv("RWKV7_COMPILE", "1")  # automatic compilation, also on CPU
     m = copy.deepcopy(model)
     handle = m.model.blocks[1].register_forward_pre_hook(lambda module, args: None)
+    inner = m.model.blocks[2].att.receptance.register_forward_hook(lambda module, args, out: None)
     ids = torch.randint(1, 300, (1, 8))
     with torch.no_grad():
         m(ids)
-    assert m.model.blocks[1] not in compiled_calls and m.model.blocks[0] in compiled_calls
+    assert compiled_calls == [m.model.blocks[0]]
+    inner.remove()
     compiled_calls.clear()
     m.model.compile_blocks = True
     with torch.no_grad():
         m(ids)
     assert m.model.blocks[1] in compiled_calls
     handle.remove()
+
+
+def test_compiled_lora_matches_eager(model, monkeypatch):
+    """PEFT LoRA layers inside the compiled blocks: the same loss and LoRA gradients as eager blocks."""
+    from peft import LoraConfig
+
+    monkeypatch.setenv("RWKV7_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    ids = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = []
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)  # the same LoRA init
+        lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=r".*\.att\.(receptance|value)"))
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        lora.base_model.model.model.compile_blocks = compile_blocks
+        lora.train()
+        loss = lora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
