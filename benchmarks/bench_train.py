@@ -5,6 +5,10 @@ its blocks compiled by default on CUDA (modeling_rwkv7/compiled_blocks.py); ``ou
 is the same step without that. Each configuration runs in a fresh process. Writes
 benchmarks/results/bench_train.json and bench_train.png. Run on a GPU:
     python benchmarks/bench_train.py [--profile]     # --profile: GPU time per kernel family, per step
+On a host of two GPUs, the peer (whose first step autotunes for minutes) can run beside ours and be merged:
+    CUDA_VISIBLE_DEVICES=1 python <copy of benchmarks>/bench_train.py --runs fla_state_tuning &
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/bench_train.py --runs ours_state_tuning ...; wait
+    python benchmarks/bench_train.py --add-runs benchmarks/results/bench_train.json <copy>/results/bench_train.json --runs
 """
 
 from __future__ import annotations
@@ -149,11 +153,22 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run-timeout", type=float, default=150.0, help="seconds per configuration (its own process)")
     parser.add_argument("--profile", action="store_true", help="add a per-kernel-family breakdown of one step")
+    parser.add_argument("--add-runs", nargs="*", default=[], metavar="JSON",
+                        help="start from the runs of these bench_train.json (same batch and length), e.g. the peer "
+                             "run at the same time on another GPU of the host; `--runs` with no name then only merges")
     args = parser.parse_args()
     global PROFILE
     PROFILE = args.profile
     restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
     results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
+    for path in args.add_runs:
+        other = json.loads(open(path).read())
+        if (other["batch"], other["seq"]) != (args.batch, args.seq):
+            raise SystemExit(f"--add-runs {path}: batch/seq {other['batch']}/{other['seq']}, not {args.batch}/{args.seq}")
+        if other["device"]["gpu"] != results["device"]["gpu"]:
+            raise SystemExit(f"--add-runs {path}: measured on {other['device']['gpu']}, this is {results['device']['gpu']}")
+        for name, r in other["runs"].items():
+            results["runs"][name] = {"merged_from": str(path), **r}
     runs = {  # the peer first: a run cut by a time limit still has it to compare with
         "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
         "ours_state_tuning": lambda: ours(args.batch, args.seq, checkpointing=False),

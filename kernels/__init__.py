@@ -12,6 +12,9 @@ Triton path run on CPU tensors, which is how CI tests the kernels without a GPU.
 If a Triton kernel does not fit the GPU (``OutOfResources`` at launch, e.g. shared memory on a card
 with less of it than the H100 the block sizes were chosen for), the call takes the PyTorch path
 instead, with one warning per device, dtype and head size; later calls go there directly.
+
+``cross_entropy_sum_`` (``cross_entropy.py``) is the other operator here: the LM loss of a chunk of logits
+and its gradient in one pass, which the model's chunked loss calls.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import os
 import torch
 
 from .chunked_torch import wkv7_chunked_torch
+from .cross_entropy import cross_entropy_sum_
 from .reference import wkv7_reference
 
-__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends"]
+__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends", "cross_entropy_sum_"]
 
 BACKENDS = ("triton", "torch", "reference")
 # Up to this many tokens without autograd (generation), the Triton path runs the plain recurrence:

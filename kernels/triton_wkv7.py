@@ -160,6 +160,28 @@ def _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLE
 
 
 @triton.jit
+def _dot(x, y, PREC: tl.constexpr):
+    """``x @ y`` accumulated in fp32. PREC: "ieee" (fp32 products), "tf32"/"tf32x3" (tensor cores on fp32
+    operands), or "bf16": both operands rounded to bf16 first (tensor cores at twice tf32's rate, half the
+    shared memory per staged operand; an opt-in, ``RWKV7_WKV_DOT_PREC=bf16``, see :func:`_dot_precision`)."""
+    if PREC == "bf16":
+        out = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    else:
+        out = tl.dot(x, y, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dot_acc(x, y, acc, PREC: tl.constexpr):
+    """``acc + x @ y`` (the accumulating form of :func:`_dot`, one tensor-core instruction chain)."""
+    if PREC == "bf16":
+        out = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
+    else:
+        out = tl.dot(x, y, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
     """``(I - A)^-1`` for strictly lower-triangular ``A`` [BT, BT].
 
@@ -171,8 +193,8 @@ def _unit_lower_inverse(A, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.con
     inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + A
     power = A
     for _ in tl.static_range(LOG2_BT - 1):
-        power = tl.dot(power, power, input_precision=PREC)
-        inv = inv + tl.dot(inv, power, input_precision=PREC)
+        power = _dot(power, power, PREC)
+        inv = inv + _dot(inv, power, PREC)
     return inv
 
 
@@ -191,7 +213,7 @@ def _masked_dot_t(x, y, STRICT: tl.constexpr, BT: tl.constexpr, PREC: tl.constex
         keep = rows[:, None] > rows[None, :]
     else:
         keep = rows[:, None] >= rows[None, :]
-    return tl.where(keep, tl.dot(x, tl.trans(y), input_precision=PREC), 0.0)
+    return tl.where(keep, _dot(x, tl.trans(y), PREC), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,16 +260,16 @@ def _fwd_kernel(
         A_ab = _masked_dot_t(ag, bn, True, BT, PREC)
         inv = _unit_lower_inverse(A_ab, BT, LOG2_BT, PREC)
 
-        x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h, input_precision=PREC)
-        u = tl.dot(inv, x, input_precision=PREC)  # [BT, BV]: u_i = h_{i-1}^T a_i
-        o_c = tl.dot(A_rk, v_c, input_precision=PREC) + tl.dot(A_rb, u, input_precision=PREC)
-        o_c += tl.dot(rg, h, input_precision=PREC)
+        x = _dot(A_ak, v_c, PREC) + _dot(ag, h, PREC)
+        u = _dot(inv, x, PREC)  # [BT, BV]: u_i = h_{i-1}^T a_i
+        o_c = _dot(A_rk, v_c, PREC) + _dot(A_rb, u, PREC)
+        o_c += _dot(rg, h, PREC)
         _store_tile(o, o_c, t0, nv, i_h, H, V, col0, BT, BV)
 
         tail = tl.exp(g_last[None, :] - g)  # decay from token i (exclusive) to the chunk end
         h = tl.exp(g_last)[:, None] * h
-        h += tl.dot(tl.trans(k_c * tail), v_c, input_precision=PREC)
-        h += tl.dot(tl.trans(b_c * tail), u, input_precision=PREC)
+        h += _dot(tl.trans(k_c * tail), v_c, PREC)
+        h += _dot(tl.trans(b_c * tail), u, PREC)
 
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * (K * V) + soffs, h)
@@ -295,29 +317,29 @@ def _prep_kernel(
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
     inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
-    W = tl.dot(inv, ag, input_precision=PREC)  # [BT, K]
-    Pm = tl.dot(tl.trans(bt), W, input_precision=PREC)
+    W = _dot(inv, ag, PREC)  # [BT, K]
+    Pm = _dot(tl.trans(bt), W, PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
     tl.store(P + cbase * (K * K) + kk[:, None] * K + kk[None, :], Pm)
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
-    Rm = rg + tl.dot(A_rb, W, input_precision=PREC)
+    Rm = rg + _dot(A_rb, W, PREC)
     if FORWARD:
         k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
         kn = k_c * e_neg
         v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
-        U0 = tl.dot(inv, tl.dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, input_precision=PREC), input_precision=PREC)
-        Cm = tl.dot(tl.trans(k_c * tail), v_c, input_precision=PREC) + tl.dot(tl.trans(bt), U0, input_precision=PREC)
+        U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, PREC), PREC)
+        Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, PREC)
         tl.store(C + cbase * (K * V) + _state_offsets(K, V, 0, V), Cm)
-        Om = tl.dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, input_precision=PREC)
-        Om += tl.dot(A_rb, U0, input_precision=PREC)
+        Om = _dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, PREC)
+        Om += _dot(A_rb, U0, PREC)
         # R and Oc are stored per chunk, rows past the sequence end included (they are never read
         # into an output: the scan masks its stores).
         tl.store(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :], Rm)
         tl.store(Oc + cbase * (BT * V) + rows[:, None] * V + tl.arange(0, V)[None, :], Om)
     else:
         do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
-        tl.store(DC + cbase * (K * V) + _state_offsets(K, V, 0, V), tl.dot(tl.trans(Rm), do_c, input_precision=PREC))
+        tl.store(DC + cbase * (K * V) + _state_offsets(K, V, 0, V), _dot(tl.trans(Rm), do_c, PREC))
 
 
 @triton.jit
@@ -344,9 +366,9 @@ def _scan_fwd_kernel(
         Cm = tl.load(C + cbase * (K * V) + soffs)
         Rm = tl.load(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :])
         Om = tl.load(Oc + cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :])
-        Om += tl.dot(Rm, h, input_precision=SCAN_PREC)
+        Om += _dot(Rm, h, SCAN_PREC)
         _store_tile(o, Om, bos + c * BT, eos - bos - c * BT, i_h, H, V, col0, BT, BV)
-        h = tl.dot(Pm, h, input_precision=SCAN_PREC) + Cm
+        h = _dot(Pm, h, SCAN_PREC) + Cm
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * (K * V) + soffs, h)
 
@@ -369,7 +391,7 @@ def _scan_bwd_kernel(
         cbase = (first_chunk + n_chunks - 1 - i) * H + i_h
         tl.store(dstates + cbase * (K * V) + soffs, dh)
         Pt = tl.load(P + cbase * (K * K) + kk[None, :] * K + kk[:, None])  # P^T, read transposed
-        dh = tl.dot(Pt, dh, input_precision=SCAN_PREC) + tl.load(DC + cbase * (K * V) + soffs)
+        dh = _dot(Pt, dh, SCAN_PREC) + tl.load(DC + cbase * (K * V) + soffs)
     tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
 
 
@@ -418,11 +440,11 @@ def _bwd_state_kernel(
         inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
 
         bt = b_c * tl.exp(g_last[None, :] - g)
-        du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dh, input_precision=PREC)
-        dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
+        du = _dot(tl.trans(A_rb), do_c, PREC) + _dot(bt, dh, PREC)
+        dx = _dot(tl.trans(inv), du, PREC)
         dh = tl.exp(g_last)[:, None] * dh
-        dh += tl.dot(tl.trans(rg), do_c, input_precision=PREC)
-        dh += tl.dot(tl.trans(ag), dx, input_precision=PREC)
+        dh += _dot(tl.trans(rg), do_c, PREC)
+        dh += _dot(tl.trans(ag), dx, PREC)
 
     tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
 
@@ -485,32 +507,32 @@ def _bwd_grad_kernel(
         v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
         do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
 
-        x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h0, input_precision=PREC)
-        u = tl.dot(inv, x, input_precision=PREC)
-        du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dhe, input_precision=PREC)
-        dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
-        dv_c = tl.dot(tl.trans(A_rk), do_c, input_precision=PREC) + tl.dot(tl.trans(A_ak), dx, input_precision=PREC)
-        dv_c += tl.dot(kt, dhe, input_precision=PREC)
+        x = _dot(A_ak, v_c, PREC) + _dot(ag, h0, PREC)
+        u = _dot(inv, x, PREC)
+        du = _dot(tl.trans(A_rb), do_c, PREC) + _dot(bt, dhe, PREC)
+        dx = _dot(tl.trans(inv), du, PREC)
+        dv_c = _dot(tl.trans(A_rk), do_c, PREC) + _dot(tl.trans(A_ak), dx, PREC)
+        dv_c += _dot(kt, dhe, PREC)
         _store_tile(dv, dv_c, t0, nv, i_h, H, V, col0, BT, BV)
 
-        dA_rk += tl.dot(do_c, tl.trans(v_c), input_precision=PREC)
-        dA_rb += tl.dot(do_c, tl.trans(u), input_precision=PREC)
-        dA_ak += tl.dot(dx, tl.trans(v_c), input_precision=PREC)
-        dA_ab += tl.dot(dx, tl.trans(u), input_precision=PREC)  # d(I-A)^-1 folded in: dA = T^T du x^T T^T
-        drg += tl.dot(do_c, tl.trans(h0), input_precision=PREC)
-        dag += tl.dot(dx, tl.trans(h0), input_precision=PREC)
-        dkt += tl.dot(v_c, tl.trans(dhe), input_precision=PREC)
-        dbt += tl.dot(u, tl.trans(dhe), input_precision=PREC)
+        dA_rk += _dot(do_c, tl.trans(v_c), PREC)
+        dA_rb += _dot(do_c, tl.trans(u), PREC)
+        dA_ak += _dot(dx, tl.trans(v_c), PREC)
+        dA_ab += _dot(dx, tl.trans(u), PREC)  # d(I-A)^-1 folded in: dA = T^T du x^T T^T
+        drg += _dot(do_c, tl.trans(h0), PREC)
+        dag += _dot(dx, tl.trans(h0), PREC)
+        dkt += _dot(v_c, tl.trans(dhe), PREC)
+        dbt += _dot(u, tl.trans(dhe), PREC)
         d_end += tl.sum(dhe * h0, axis=1)
 
     dA_rk = tl.where(causal, dA_rk, 0.0)
     dA_rb = tl.where(causal, dA_rb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
     dA_ab = tl.where(strict, dA_ab, 0.0)
-    drg += tl.dot(dA_rk, kn, input_precision=PREC) + tl.dot(dA_rb, bn, input_precision=PREC)
-    dag += tl.dot(dA_ak, kn, input_precision=PREC) + tl.dot(dA_ab, bn, input_precision=PREC)
-    dkn = tl.dot(tl.trans(dA_rk), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ak), ag, input_precision=PREC)
-    dbn = tl.dot(tl.trans(dA_rb), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ab), ag, input_precision=PREC)
+    drg += _dot(dA_rk, kn, PREC) + _dot(dA_rb, bn, PREC)
+    dag += _dot(dA_ak, kn, PREC) + _dot(dA_ab, bn, PREC)
+    dkn = _dot(tl.trans(dA_rk), rg, PREC) + _dot(tl.trans(dA_ak), ag, PREC)
+    dbn = _dot(tl.trans(dA_rb), rg, PREC) + _dot(tl.trans(dA_ab), ag, PREC)
 
     _store_tile(dr, drg * tl.exp(g), t0, nv, i_h, H, K, 0, BT, K)
     _store_tile(dk, dkn * e_neg + dkt * tail, t0, nv, i_h, H, K, 0, BT, K)
@@ -594,21 +616,21 @@ def _bwd_dv_kernel(
 
     h0 = tl.load(states + cbase * (K * V) + soffs)
     v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
-    x = tl.dot(A_ak, v_c, input_precision=PREC) + tl.dot(ag, h0, input_precision=PREC)
-    u = tl.dot(inv, x, input_precision=PREC)
+    x = _dot(A_ak, v_c, PREC) + _dot(ag, h0, PREC)
+    u = _dot(inv, x, PREC)
     tl.store(U + xoffs, u)
 
     tail = tl.exp(g_last[None, :] - g)
     dhe = tl.load(dstates + cbase * (K * V) + soffs)
     do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
     bt = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K) * tail
-    du = tl.dot(tl.trans(A_rb), do_c, input_precision=PREC) + tl.dot(bt, dhe, input_precision=PREC)
-    dx = tl.dot(tl.trans(inv), du, input_precision=PREC)
+    du = _dot(tl.trans(A_rb), do_c, PREC) + _dot(bt, dhe, PREC)
+    dx = _dot(tl.trans(inv), du, PREC)
     tl.store(DX + xoffs, dx)
 
     kt = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * tail
-    dv_c = tl.dot(tl.trans(A_rk), do_c, input_precision=PREC) + tl.dot(tl.trans(A_ak), dx, input_precision=PREC)
-    dv_c += tl.dot(kt, dhe, input_precision=PREC)
+    dv_c = _dot(tl.trans(A_rk), do_c, PREC) + _dot(tl.trans(A_ak), dx, PREC)
+    dv_c += _dot(kt, dhe, PREC)
     _store_tile(dv, dv_c, t0, nv, i_h, H, V, col0, BT, BV)
 
 
@@ -655,14 +677,14 @@ def _bwd_kgrad_kernel(
         dx = tl.load(DX + xoffs)
         h0 = tl.load(states + cbase * (K * V) + soffs)
         dhe = tl.load(dstates + cbase * (K * V) + soffs)
-        dA_rk = tl.dot(do_c, tl.trans(v_c), dA_rk, input_precision=PREC)
-        dA_rb = tl.dot(do_c, tl.trans(u), dA_rb, input_precision=PREC)
-        dA_ak = tl.dot(dx, tl.trans(v_c), dA_ak, input_precision=PREC)
-        dA_ab = tl.dot(dx, tl.trans(u), dA_ab, input_precision=PREC)  # d(I-A)^-1 folded in (see fused)
-        drg = tl.dot(do_c, tl.trans(h0), drg, input_precision=PREC)
-        dag = tl.dot(dx, tl.trans(h0), dag, input_precision=PREC)
-        dkt = tl.dot(v_c, tl.trans(dhe), dkt, input_precision=PREC)
-        dbt = tl.dot(u, tl.trans(dhe), dbt, input_precision=PREC)
+        dA_rk = _dot_acc(do_c, tl.trans(v_c), dA_rk, PREC)
+        dA_rb = _dot_acc(do_c, tl.trans(u), dA_rb, PREC)
+        dA_ak = _dot_acc(dx, tl.trans(v_c), dA_ak, PREC)
+        dA_ab = _dot_acc(dx, tl.trans(u), dA_ab, PREC)  # d(I-A)^-1 folded in (see fused)
+        drg = _dot_acc(do_c, tl.trans(h0), drg, PREC)
+        dag = _dot_acc(dx, tl.trans(h0), dag, PREC)
+        dkt = _dot_acc(v_c, tl.trans(dhe), dkt, PREC)
+        dbt = _dot_acc(u, tl.trans(dhe), dbt, PREC)
         d_end += tl.sum(dhe * h0, axis=1)
 
     dA_rk = tl.where(rows[:, None] >= rows[None, :], dA_rk, 0.0)
@@ -676,20 +698,20 @@ def _bwd_kgrad_kernel(
     bn = _load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
     rg = _load_tile(r, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(g)
     ag = _load_tile(a, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(gp)
-    drg += tl.dot(dA_rk, kn, input_precision=PREC) + tl.dot(dA_rb, bn, input_precision=PREC)
+    drg += _dot(dA_rk, kn, PREC) + _dot(dA_rb, bn, PREC)
     _store_tile(dr, drg * tl.exp(g), t0, nv, i_h, H, K, kcol0, BT, BK)
     dg = drg * rg
-    dag += tl.dot(dA_ak, kn, input_precision=PREC) + tl.dot(dA_ab, bn, input_precision=PREC)
+    dag += _dot(dA_ak, kn, PREC) + _dot(dA_ab, bn, PREC)
     _store_tile(da, dag * tl.exp(gp), t0, nv, i_h, H, K, kcol0, BT, BK)
     dgp = dag * ag
 
     # Gradients with respect to g_i, gp_i and g_last, then dw as in _bwd_grad_kernel.
     tail = tl.exp(g_last[None, :] - g)
-    dkn = tl.dot(tl.trans(dA_rk), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ak), ag, input_precision=PREC)
+    dkn = _dot(tl.trans(dA_rk), rg, PREC) + _dot(tl.trans(dA_ak), ag, PREC)
     _store_tile(dk, dkn * e_neg + dkt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
     dg = dg - dkn * kn
     tail_terms = dkt * (_load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
-    dbn = tl.dot(tl.trans(dA_rb), rg, input_precision=PREC) + tl.dot(tl.trans(dA_ab), ag, input_precision=PREC)
+    dbn = _dot(tl.trans(dA_rb), rg, PREC) + _dot(tl.trans(dA_ab), ag, PREC)
     _store_tile(db, dbn * e_neg + dbt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
     dg = dg - dbn * bn
     tail_terms += dbt * (_load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
@@ -767,8 +789,19 @@ def _block_v(K: int, V: int) -> int:
     return min(V, int(os.environ.get("RWKV7_WKV_BV", str(default))))
 
 
+#: Precisions of the intra-chunk products (``RWKV7_WKV_DOT_PREC``, for bf16/fp16 inputs; fp32 inputs always
+#: use "ieee"). "tf32" is the default; "bf16" rounds the fp32 tiles to bf16 before each product (faster,
+#: coarser: 8 significant bits instead of 11); "tf32x3" and "ieee" are finer and slower.
+DOT_PRECISIONS = ("tf32", "bf16", "tf32x3", "ieee")
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee"
+    prec = os.environ.get("RWKV7_WKV_DOT_PREC") or "tf32"
+    if prec not in DOT_PRECISIONS:
+        raise ValueError(f"RWKV7_WKV_DOT_PREC={prec!r}: expected one of {DOT_PRECISIONS}")
+    return prec
 
 
 #: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
@@ -782,7 +815,7 @@ def _transition_form(K: int, V: int) -> bool:
 
 def _scan_precision(dtype: torch.dtype) -> str:
     """Precision of the scan's ``P h`` product: the state is carried through it once per chunk."""
-    return os.environ.get("RWKV7_WKV_SCAN_PREC") or _dot_precision(dtype)
+    return os.environ.get("RWKV7_WKV_SCAN_PREC") or ("ieee" if dtype == torch.float32 else "tf32")
 
 
 def _warps(BT: int, K: int) -> int:

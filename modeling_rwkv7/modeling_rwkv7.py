@@ -31,7 +31,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from rwkv7_kernels import wkv7
+from rwkv7_kernels import cross_entropy_sum_, wkv7
 
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
@@ -120,51 +120,46 @@ def _fit_batch(state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
 class _ChunkedLMLoss(torch.autograd.Function):
     """Cross-entropy of ``hidden @ weight.T`` without materialising the ``[tokens, vocab]`` logits.
 
-    The forward and backward walk over chunks of tokens, computing each chunk's logits and dropping them
-    again. With a 65536-token vocabulary this saves the largest activation of a training step (B=8,
-    T=4096: 8.6 GB of fp32 logits). Returns the *sum* of the token losses.
+    The forward walks over chunks of tokens, computing each chunk's logits and dropping them again. With
+    a 65536-token vocabulary this saves the largest activation of a training step (B=8, T=4096: 8.6 GB
+    of fp32 logits). Returns the *sum* of the token losses.
 
-    Each pass over a chunk's fp32 logits costs about as much as its matmul (they are memory-bound), so
-    both directions make as few as possible: the forward keeps only each row's log-sum-exp (fp32, one
-    number per token) and reads the target logit; the backward rebuilds the softmax from it in place,
-    ``exp(logits - lse)``, and scales it in place, instead of a softmax, a masked fill, a product and
-    their temporaries.
+    The gradients are computed in the forward, while a chunk's logits exist: ``cross_entropy_sum_`` (one
+    fused kernel on CUDA) turns them into the loss and, in place, into ``d loss / d logits``, which one
+    more matmul takes to ``d loss / d hidden`` (``[tokens, hidden]``, small). The loss is the end of the
+    graph, so its incoming gradient is a scalar and the backward only scales what was kept: no second
+    logits matmul and no second pass over the logits. ``grad_enabled`` is passed in because inside
+    ``forward`` autograd is always off: without it (evaluation) only the loss is computed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int):
-        valid = labels != -100
-        safe = labels.clamp(min=0)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, labels, chunk: int, grad_enabled: bool = True):
+        want_hidden = grad_enabled and ctx.needs_input_grad[0]
+        want_weight = grad_enabled and ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s : s + chunk] @ weight.t()
-            lse[s : s + chunk] = torch.logsumexp(logits.float(), dim=-1)
-            target = logits.gather(1, safe[s : s + chunk, None]).squeeze(1).float()
-            total = total + ((lse[s : s + chunk] - target) * valid[s : s + chunk]).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk = chunk
+            h = hidden[s : s + chunk]
+            logits = h @ weight.t()
+            total = total + cross_entropy_sum_(logits, labels[s : s + chunk], write_grad=want_hidden or want_weight)
+            if grad_hidden is not None:  # `logits` now holds d loss / d logits
+                grad_hidden[s : s + chunk] = logits @ weight.to(logits.dtype)
+            if grad_weight is not None:
+                grad_weight += (logits.t() @ h.to(logits.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        # d(sum of losses)/d(logits) = softmax - onehot(label) on valid rows, 0 on ignored ones.
-        scale = (labels != -100).float() * grad_total.float()
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h, y = hidden[s : s + ctx.chunk], labels[s : s + ctx.chunk]
-            grad = (h @ weight.t()).float()
-            grad.sub_(lse[s : s + ctx.chunk, None]).exp_()  # the softmax
-            rows = (y != -100).nonzero().squeeze(1)
-            grad[rows, y[rows]] -= 1.0
-            grad = grad.mul_(scale[s : s + ctx.chunk, None]).to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[s : s + ctx.chunk] = grad @ weight
-            if grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -173,7 +168,9 @@ def chunked_causal_lm_loss(
     """Next-token cross-entropy (labels shifted inside, -100 ignored), as transformers'
     ``ForCausalLMLoss``, computed chunk by chunk (see :class:`_ChunkedLMLoss`)."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden.device)
-    total = _ChunkedLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted, chunk)
+    total = _ChunkedLMLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted, chunk, torch.is_grad_enabled()
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (shifted != -100).sum()
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)

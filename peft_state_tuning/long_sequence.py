@@ -115,7 +115,9 @@ def chunked_loss_backward(
         out = backbone(input_ids=input_ids[:, start:end], attention_mask=mask, initial_state=state, use_cache=True)
         hidden = out.last_hidden_state
         chunk_targets = targets[:, start:end].reshape(-1)
-        loss = _ChunkedLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, chunk_targets, loss_chunk)
+        loss = _ChunkedLMLoss.apply(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, chunk_targets, loss_chunk, torch.is_grad_enabled()
+        )
         loss = loss / count * loss_scale
         state = out.cache.state.detach()  # the truncation: no gradient flows into the previous chunk
         del out, hidden

@@ -258,11 +258,15 @@ def test_chunked_training_loss_equals_full_loss(converted):
         torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_function_matches_cross_entropy(dtype):
+def test_chunked_loss_function_matches_cross_entropy(dtype, backend, monkeypatch):
     """Several chunks (the last one partial), ignored labels: loss and both gradients equal those of
-    ``F.cross_entropy`` on the full fp32 logits of the same (rounded) inputs."""
+    ``F.cross_entropy`` on the full fp32 logits of the same (rounded) inputs, with either backend of the
+    fused loss kernel (Triton under TRITON_INTERPRET=1)."""
     from modeling_rwkv7.modeling_rwkv7 import _ChunkedLMLoss
+
+    monkeypatch.setenv("RWKV7_CE_BACKEND", backend)
 
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(23, 16, generator=g) * 2).to(dtype).requires_grad_()
@@ -280,3 +284,18 @@ def test_chunked_loss_function_matches_cross_entropy(dtype):
     torch.testing.assert_close(total, ref, **tol)
     torch.testing.assert_close(hidden.grad.float(), h_ref.grad.float(), **tol)
     torch.testing.assert_close(weight.grad.float(), w_ref.grad.float(), **tol)
+
+
+def test_chunked_loss_without_grad_mode_computes_no_gradients():
+    """Evaluation (no_grad): the same loss, and a result with no backward (the gradients are skipped)."""
+    from modeling_rwkv7.modeling_rwkv7 import _ChunkedLMLoss
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 8, generator=g, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 20, (9,), generator=g)
+    with torch.no_grad():
+        evaluated = _ChunkedLMLoss.apply(hidden, weight, labels, 4, torch.is_grad_enabled())
+    assert evaluated.grad_fn is None
+    trained = _ChunkedLMLoss.apply(hidden, weight, labels, 4, torch.is_grad_enabled())
+    torch.testing.assert_close(evaluated, trained.detach())
