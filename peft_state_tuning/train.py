@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model_name_or_path", default=None, help="RWKV-7 folder or Hub id (default: the shipped model)")
+    g.add_argument("--tokenizer_name", default=None,
+                   help="tokenizer folder or Hub id, when the model's own has none (default: the model's)")
     g.add_argument("--dataset", required=True, help="a datasets Hub id, or local files (comma-separated) or a folder")
     g.add_argument("--dataset_config", default=None, help="the dataset's configuration name (Hub datasets)")
     g.add_argument("--train_split", default="train")
@@ -240,6 +242,20 @@ def main(argv: list[str] | None = None) -> dict:
     return run(args)
 
 
+def check_tokenizer_fits(tokenizer, model, args) -> None:
+    """Fail before tokenizing when the tokenizer makes ids the model has no embedding for. This happens
+    when a model folder holds no tokenizer files: the RWKV-7 tokenizer class then loads the 65536-token
+    world vocabulary, which does not fit a model with a smaller vocabulary (e.g. a byte-level one)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        source = args.tokenizer_name or args.model_name_or_path or "the shipped model"
+        raise SystemExit(
+            f"The tokenizer from {source} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
+            "the model folder probably has no tokenizer files of its own. Pass the tokenizer it was trained with, "
+            "--tokenizer_name <folder or Hub id>, or save it into the model folder (tokenizer.save_pretrained)."
+        )
+
+
 def run(args) -> dict:
     import torch
     from peft import get_peft_model
@@ -250,9 +266,10 @@ def run(args) -> dict:
 
     set_seed(args.seed)
     model_path = args.model_name_or_path or str(EMBEDDED_MODEL_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or model_path)
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() and not args.use_cpu else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    check_tokenizer_fits(tokenizer, base, args)
     model = get_peft_model(base, state_tuning_config(args))
     model.print_trainable_parameters()
 

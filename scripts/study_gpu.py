@@ -572,7 +572,8 @@ def run_example(ctx: dict, task: dict, base: str, seed: int, steps: int, evaluat
             "--completion_column", "completion", "--no_eos", "--max_steps", str(steps),
             "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", str(lr_of("example", a)),
             "--warmup_steps", str(min(10, steps // 10)), "--seed", str(seed), "--output_dir", str(out_dir),
-            "--logging_steps", str(max(1, steps // 20)), "--max_eval_samples", "64", "--disable_tqdm"]  # fmt: skip
+            "--logging_steps", str(max(1, steps // 20)), "--max_eval_samples", "64", "--disable_tqdm",
+            "--tokenizer_name", str(ctx["base_dirs"]["small"])]  # fmt: skip
     if device.type != "cuda":
         args.append("--use_cpu")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

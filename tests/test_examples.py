@@ -94,6 +94,21 @@ def test_train_example_end_to_end_and_adapter_reloads(tmp_path):
     assert 0.0 <= accuracy <= 1.0 and len(answers) == 4
 
 
+def test_model_folder_without_tokenizer_needs_tokenizer_name(tmp_path):
+    """A model folder with only weights (e.g. a base saved by save_pretrained alone): AutoTokenizer falls back
+    to the 65536-token world vocabulary, which the byte-level model cannot embed. The script says so before
+    tokenizing, and --tokenizer_name fixes it."""
+    folder = tmp_path / "weights_only"
+    AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32).save_pretrained(folder)
+    data = _write_dataset(tmp_path / "psalms.jsonl", n=12)
+    common = ["--model_name_or_path", str(folder), "--dataset", str(data), "--text_column", "text", "--max_steps", "1",
+              "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "--max_length", "32"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--tokenizer_name"):
+        train_cli.main(common)
+    metrics = train_cli.main(common + ["--tokenizer_name", str(EMBEDDED_MODEL_DIR)])
+    assert "eval_loss" in metrics
+
+
 def test_cli_entry_points_show_help():
     for cmd in ([sys.executable, "-m", "peft_state_tuning", "train", "--help"], [sys.executable, str(ROOT / "examples" / "train_state_tuning.py"), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
