@@ -14,7 +14,7 @@ import triton.language as tl
 
 # A finite "minus infinity" for the running maximum: exp(m_old - m_new) must stay defined (not -inf - -inf)
 # for lanes that have seen no element yet; any real logit is far above it.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -911,7 +911,9 @@ def merge(paths: list[str], out: Path) -> dict:
     """One study from several study_gpu.json of the same base (e.g. one process per task on a 2-GPU machine, each
     with ``--tasks <task> --large-model DIR``, plus the call that pretrained DIR): the first JSON gives the settings,
     the bases (with the pretraining record) and its untuned evaluations (few-shot included); the others add their
-    tasks, runs, skips and any untuned evaluation the first lacks. Writes ``out/study_gpu.json`` and ``.png``."""
+    tasks, runs, skips and any untuned evaluation the first lacks. A run present in several parts keeps the last
+    result (a failed run never replaces one), and a skip is dropped once the run has a result. Writes
+    ``out/study_gpu.json`` and ``.png``."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     data = json.loads(json.dumps(parts[0]))
     data["calibration"] = {paths[0]: parts[0].get("calibration")}
@@ -920,13 +922,16 @@ def merge(paths: list[str], out: Path) -> dict:
                                         for p, d in zip(paths, parts)}}  # fmt: skip
     for p, d in zip(paths[1:], parts[1:]):
         data["tasks"].update(d.get("tasks", {}))
-        data["runs"].update(d.get("runs", {}))
+        # later parts win, except that a failed run never replaces a result
+        data["runs"].update({k: r for k, r in d.get("runs", {}).items() if "after" in r or k not in data["runs"]})
         data["teacher_reruns"] = {**data.get("teacher_reruns", {}), **d.get("teacher_reruns", {})}
         data["skipped"] += d.get("skipped", [])
         for k, u in d.get("untuned", {}).items():
             data["untuned"].setdefault(k, u)
         data["calibration"][p] = d.get("calibration")
         data["settings"]["tasks"] = list(dict.fromkeys(data["settings"]["tasks"] + d["settings"]["tasks"]))
+    # a run skipped or failed in one part and done in a later one: the result counts, the skip does not
+    data["skipped"] = [s for s in data["skipped"] if "after" not in data["runs"].get(s["key"], {})]
     steps = sorted({r["steps"] for r in data["runs"].values() if "steps" in r})
     data["settings"]["steps"] = steps[0] if len(steps) == 1 else steps
     data["seed_summary"] = seed_summary(data)
