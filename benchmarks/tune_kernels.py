@@ -69,6 +69,7 @@ def split_tiles(bt: int, n: int, kbv: int, bk: int) -> tuple[int, int]:
 def set_env(cfg: dict) -> None:
     os.environ.update(RWKV7_WKV_BV=str(cfg["BV"]), RWKV7_WKV_SCAN_PREC=cfg["scan_prec"],
                       RWKV7_WKV_DOT_PREC=cfg.get("dot_prec", "tf32"),
+                      RWKV7_WKV_GRAD_DOT_PREC=cfg.get("grad_dot_prec", "same").replace("same", ""),
                       RWKV7_WKV_PAR_WARPS=str(cfg["par_warps"]), RWKV7_WKV_GRAD_VARIANT=cfg["grad_variant"],
                       RWKV7_WKV_GRAD_BV=str(cfg["grad_bv"]), RWKV7_WKV_GRAD_WARPS=str(cfg["grad_warps"]))
     for name, key in (("RWKV7_WKV_GRAD_KBV", "grad_kbv"), ("RWKV7_WKV_GRAD_BK", "grad_bk")):
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--scan-precs", default="tf32", help="precision of the scans' products (RWKV7_WKV_SCAN_PREC)")
     ap.add_argument("--dot-precs", default="tf32",
                     help="precision of the intra-chunk products (RWKV7_WKV_DOT_PREC): tf32, bf16, tf32x3, ieee")
+    ap.add_argument("--grad-dot-precs", default="same",
+                    help="precision of the gradient kernels' products only (RWKV7_WKV_GRAD_DOT_PREC); same: as above")
     ap.add_argument("--par-warps", default="4", help="warps of the per-chunk pre-pass (RWKV7_WKV_PAR_WARPS)")
     ap.add_argument("--grad-variants", default="fused,split", help="gradient kernel(s) (RWKV7_WKV_GRAD_VARIANT)")
     ap.add_argument("--grad-bvs", default="16,32,64",
@@ -104,24 +107,25 @@ def main() -> None:
     sweep = []
     ints = lambda text: [int(c) for c in text.split(",")]  # noqa: E731
     grid = itertools.product(ints(args.chunks), ints(args.bvs), args.scan_precs.split(","), args.dot_precs.split(","),
-                             ints(args.par_warps),
+                             args.grad_dot_precs.split(","), ints(args.par_warps),
                              args.grad_variants.split(","), ints(args.grad_bvs), ints(args.grad_warps),
                              ints(args.grad_kbvs), ints(args.grad_bks))
     seen = set()
     t_sweep = time.time()
-    for bt, bv, prec, dot_prec, warps, variant, gbv, gw, kbv, bk in grid:
+    for bt, bv, prec, dot_prec, grad_dot_prec, warps, variant, gbv, gw, kbv, bk in grid:
         if not (args.full_grid or worth_running(variant, bt, gbv, gw)):
             continue
         # the K-side blocks exist only in the split variant: resolved to the values it runs with
         kbv, bk = split_tiles(bt, shape[3], kbv, bk) if variant == "split" else (None, None)
-        cfg = dict(BT=bt, BV=bv, scan_prec=prec, dot_prec=dot_prec, par_warps=warps, grad_variant=variant,
+        cfg = dict(BT=bt, BV=bv, scan_prec=prec, dot_prec=dot_prec, grad_dot_prec=grad_dot_prec, par_warps=warps,
+                   grad_variant=variant,
                    grad_bv=gbv, grad_warps=gw,
                    grad_kbv=kbv, grad_bk=bk)
         if tuple(cfg.values()) in seen:
             continue
         seen.add(tuple(cfg.values()))
         set_env(cfg)
-        name = f"bt{bt}-bv{bv}-{prec}-dot{dot_prec}-w{warps}-{variant}-gbv{gbv}-gw{gw}" + (f"-kbv{kbv}-bk{bk}" if kbv else "")
+        name = f"bt{bt}-bv{bv}-{prec}-dot{dot_prec}-grad{grad_dot_prec}-w{warps}-{variant}-gbv{gbv}-gw{gw}" + (f"-kbv{kbv}-bk{bk}" if kbv else "")
         try:
             row = bench_variant(data, name, ours_fn(bt), log)
         except Exception as e:  # noqa: BLE001  (a setting that does not compile is recorded, not fatal)

@@ -795,13 +795,22 @@ def _block_v(K: int, V: int) -> int:
 DOT_PRECISIONS = ("tf32", "bf16", "tf32x3", "ieee")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype: torch.dtype, env: str = "RWKV7_WKV_DOT_PREC") -> str:
     if dtype == torch.float32:
         return "ieee"
-    prec = os.environ.get("RWKV7_WKV_DOT_PREC") or "tf32"
+    prec = os.environ.get(env) or "tf32"
     if prec not in DOT_PRECISIONS:
-        raise ValueError(f"RWKV7_WKV_DOT_PREC={prec!r}: expected one of {DOT_PRECISIONS}")
+        raise ValueError(f"{env}={prec!r}: expected one of {DOT_PRECISIONS}")
     return prec
+
+
+def _grad_dot_precision(dtype: torch.dtype) -> str:
+    """Precision of the gradient kernels' products only (``RWKV7_WKV_GRAD_DOT_PREC``; default: that of the
+    other kernels). "bf16" here leaves ``o`` and ``dh0`` as exact as with TF32 (the forward, the pre-pass and
+    the scans keep their precision) and coarsens only the six input gradients."""
+    if os.environ.get("RWKV7_WKV_GRAD_DOT_PREC"):
+        return _dot_precision(dtype, "RWKV7_WKV_GRAD_DOT_PREC")
+    return _dot_precision(dtype)
 
 
 #: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
@@ -1012,6 +1021,7 @@ class _WKV7Function(torch.autograd.Function):
                 num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
+        prec = _grad_dot_precision(r.dtype)
         variant = _grad_variant(BT, K, V)
         gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":

@@ -721,7 +721,8 @@ def plot(data: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = data["settings"]["tasks"]
-    fig, axes = plt.subplots(len(tasks) + 1, 3, figsize=(16, 4.6 * (len(tasks) + 1)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks) + 1, 3, figsize=(19, 4.6 * (len(tasks) + 1)), squeeze=False)
+    legend = {}  # one legend for the whole figure, right of the panels: inside them it hid the points
     metrics = [("ranked_accuracy", "ranked accuracy"), ("greedy_exact_match", "greedy exact match"),
                ("eval_loss", "eval loss (nats/answer byte)")]  # fmt: skip
     methods = list(LABELS)
@@ -750,12 +751,8 @@ def plot(data: dict, png: Path) -> None:
             ax.set_xlabel("trainable parameters (o small base, [] large base)")
             ax.set_title(f"{t}: {title}", fontsize=10)
             ax.grid(alpha=0.3)
-            if col == 0:
-                h, lab = ax.get_legend_handles_labels()
-                uniq = {}
-                for hh, ll in zip(h, lab):
-                    uniq.setdefault(ll, hh)
-                ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
+            for hh, ll in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(ll, hh)
     # last row: pretraining curve, seeds, claim
     ax = axes[-1][0]
     pre = data["bases"]["large"].get("pretrain")
@@ -792,11 +789,14 @@ def plot(data: dict, png: Path) -> None:
         ax.set_xticks(range(len(bars)), bars, fontsize=6, rotation=60)
     ax.set_title("claim: small state-tuned vs larger untuned (ranked acc.)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center right")
     s = data["settings"]
-    fig.suptitle(f"GPU study ({data['environment'].get('device')}): {s.get('steps')} steps x {s['batch_size']}, "
+    parts = data.get("timeline", {}).get("merged_from", {}).values()
+    devices = sorted({(d.get("environment") or {}).get("device") for d in parts} - {None}) or [data["environment"].get("device")]
+    fig.suptitle(f"GPU study ({', '.join(map(str, devices))}): {s.get('steps')} steps x {s['batch_size']}, "
                  f"small {data['bases']['small']['parameters'] / 1e6:.1f} M vs large "
                  f"{data['bases']['large'].get('parameters', 0) / 1e6:.1f} M", fontsize=11)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0, 0.8, 0.97))
     fig.savefig(png, dpi=90)
     plt.close(fig)
 

@@ -127,6 +127,22 @@ def test_bf16_products_match_reference(form, monkeypatch):
         wkv7_triton(*xs, initial_state=h0)
 
 
+def test_bf16_products_in_gradient_kernel_only(monkeypatch):
+    """``RWKV7_WKV_GRAD_DOT_PREC=bf16``: o, the final state and dh0 are exactly those of the default (TF32)
+    run, since only the gradient kernel's products change; the six input gradients within 5%."""
+    xs = rwkv_inputs(1, 77, 2, 32, torch.bfloat16, seed=7)
+    h0 = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    default = run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
+    monkeypatch.setenv("RWKV7_WKV_GRAD_DOT_PREC", "bf16")
+    coarse = run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
+    ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, h0)
+    for name, x, y in zip(wkv_cases.NAMES, coarse, default):
+        if name in ("o", "final_state", "dh0"):
+            assert torch.equal(x, y), name
+    errs = {n: rel(x, y) for n, x, y in zip(wkv_cases.NAMES, coarse, ref)}
+    assert all(e < 5e-2 for e in errs.values()), errs
+
+
 def test_unknown_grad_variant_raises(monkeypatch):
     monkeypatch.setenv("RWKV7_WKV_GRAD_VARIANT", "nope")
     xs = [x.requires_grad_() for x in rwkv_inputs(1, 16, 1, 16, torch.float32)]
