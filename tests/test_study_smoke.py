@@ -195,6 +195,16 @@ def test_two_calls_resume_smoke(sg, tmp_path):
     assert d2["bases"]["large"]["parameters"] == d1["bases"]["large"]["parameters"]
     assert d2["settings"]["plan_call"]["2"] == ["book/large/full/seed0 (teacher rerun)", "book/small/observer/seed0"]
 
+    # --merge: call 2's observer result replaces call 1's skip of it; a failed run never replaces a result
+    failed = json.loads(json.dumps(d2))
+    failed["runs"]["book/small/state/seed0"] = {"error": "RuntimeError: a failed rerun"}
+    (tmp_path / "failed.json").write_text(json.dumps(failed))
+    parts = [str(out1 / "study_gpu.json"), str(out2 / "study_gpu.json"), str(tmp_path / "failed.json")]
+    merged = sg.merge(parts, tmp_path / "merged")
+    assert not merged["skipped"] and "after" in merged["runs"]["book/small/observer/seed0"]
+    assert merged["runs"]["book/small/state/seed0"] == d1["runs"]["book/small/state/seed0"]
+    assert list(merged["timeline"]["merged_from"]) == parts and (tmp_path / "merged" / "study_gpu.png").exists()
+
 
 def test_example_run_equals_the_state_run(tmp_path):
     """``example`` (state tuning through examples/train_state_tuning.py, in its own process) and ``state`` (the
