@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,13 @@ from checkpoints import write_official_checkpoint
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one can be taken on a shared CI machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_process_ddp_equals_single_process(tmp_path):
     pth = write_official_checkpoint(tmp_path / "m.pth", hidden=128, layers=2, vocab=300, seed=5)
@@ -29,7 +37,8 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(SCRIPT), str(base), str(tmp_path / "two"), "2"],
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT), str(base), str(tmp_path / "two"),
+         "2"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
