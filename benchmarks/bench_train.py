@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -162,7 +163,7 @@ def main() -> None:
     restrict_fla_autotune()  # same reduced space as bench_kernels.py, to fit the device's time limits
     results = {"device": device_info(), "batch": args.batch, "seq": args.seq, "fla_autotune": "reduced", "runs": {}}
     for path in args.add_runs:
-        other = json.loads(open(path).read())
+        other = json.loads(Path(path).read_text())
         if (other["batch"], other["seq"]) != (args.batch, args.seq):
             raise SystemExit(f"--add-runs {path}: batch/seq {other['batch']}/{other['seq']}, not {args.batch}/{args.seq}")
         if other["device"]["gpu"] != results["device"]["gpu"]:

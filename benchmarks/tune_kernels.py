@@ -118,9 +118,7 @@ def main() -> None:
         # the K-side blocks exist only in the split variant: resolved to the values it runs with
         kbv, bk = split_tiles(bt, shape[3], kbv, bk) if variant == "split" else (None, None)
         cfg = dict(BT=bt, BV=bv, scan_prec=prec, dot_prec=dot_prec, grad_dot_prec=grad_dot_prec, par_warps=warps,
-                   grad_variant=variant,
-                   grad_bv=gbv, grad_warps=gw,
-                   grad_kbv=kbv, grad_bk=bk)
+                   grad_variant=variant, grad_bv=gbv, grad_warps=gw, grad_kbv=kbv, grad_bk=bk)
         if tuple(cfg.values()) in seen:
             continue
         seen.add(tuple(cfg.values()))

@@ -1021,13 +1021,13 @@ class _WKV7Function(torch.autograd.Function):
                 num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        prec = _grad_dot_precision(r.dtype)
+        grad_prec = _grad_dot_precision(r.dtype)
         variant = _grad_variant(BT, K, V)
         gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
                 r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
-                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec,
                 num_warps=gwarps, num_stages=_stages(BT, K),
             )
         elif n_chunks:
@@ -1037,13 +1037,13 @@ class _WKV7Function(torch.autograd.Function):
             DX = torch.empty_like(U)
             _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
                 r, w, k, v, a, b, do, states, dstates, dv, U, DX, cu_seqlens, chunk_indices, seq_T,
-                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=prec,
+                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec,
                 num_warps=gwarps,
             )
             kbv, gbk = _split_grad_tiles(BT, K, V)
             _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
                 r, w, k, v, a, b, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,
-                seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=prec,
+                seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=grad_prec,
                 num_warps=gwarps, num_stages=_stages(BT, K),
             )
             del U, DX
