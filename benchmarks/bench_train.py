@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,14 @@ from peft_state_tuning import StateTuningConfig
 
 
 PROFILE = False  # --profile
+
+# Variants of the default state-tuning step: the environment of their own process (see modeling_rwkv7).
+RUN_ENV = {
+    "ours_state_tuning_keep_ffn": {"RWKV7_RECOMPUTE_FFN": "0"},  # the FFN activation kept, as before
+    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},  # Inductor recomputes more
+    "ours_state_tuning_budget50": {"RWKV7_ACTIVATION_BUDGET": "0.5"},
+    "ours_state_tuning_grad_bf16": {"RWKV7_WKV_GRAD_DOT_PREC": "bf16"},  # bf16 products in the WKV gradient
+}
 
 
 def measure(step, tokens: int) -> dict:
@@ -177,6 +186,8 @@ def main() -> None:
         "ours_state_tuning_eager": lambda: ours(args.batch, args.seq, checkpointing=False, compile_blocks=False),
         "ours_lora_r16": lambda: lora(args.batch, args.seq),
     }
+    for name in RUN_ENV:  # the default step under other settings (environment variables of its process)
+        runs.setdefault(name, runs["ours_state_tuning"])
     names = [n for n in runs if args.runs is None or n in args.runs]
     if args.child:  # one run in this process; the parent reads the line below
         r = runs[names[0]]()
@@ -187,7 +198,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--runs", name, "--batch", str(args.batch), "--seq", str(args.seq)]
         cmd += ["--profile"] if args.profile else []
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
+            env = {**os.environ, **RUN_ENV.get(name, {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout, env=env)
         except subprocess.TimeoutExpired as err:
             results["runs"][name] = {"error": f"timed out after {args.run_timeout} s", "trace": str(err.stdout)[-3000:]}
         else:
@@ -196,6 +208,8 @@ def main() -> None:
                 results["runs"][name] = json.loads(lines[-1][len("RESULT ") :])
             else:
                 results["runs"][name] = {"error": f"exit code {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-3000:]}
+            if name in RUN_ENV:
+                results["runs"][name]["env"] = RUN_ENV[name]
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
         write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
     peer = results["runs"].get("fla_state_tuning", {})

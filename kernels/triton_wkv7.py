@@ -377,9 +377,10 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr, STORE_DSTATES: tl.constexpr,
 ):
-    """Serial, last chunk first: store the gradient of each chunk's end state, ``dh <- P^T dh + R^T do``."""
+    """Serial, last chunk first: store the gradient of each chunk's end state (for the input gradients,
+    ``STORE_DSTATES``), ``dh <- P^T dh + R^T do``; finally write dh0."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h = i_nh % H
     bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
@@ -389,7 +390,8 @@ def _scan_bwd_kernel(
     n_chunks = tl.cdiv(eos - bos, BT)
     for i in range(0, n_chunks):
         cbase = (first_chunk + n_chunks - 1 - i) * H + i_h
-        tl.store(dstates + cbase * (K * V) + soffs, dh)
+        if STORE_DSTATES:
+            tl.store(dstates + cbase * (K * V) + soffs, dh)
         Pt = tl.load(P + cbase * (K * K) + kk[None, :] * K + kk[:, None])  # P^T, read transposed
         dh = _dot(Pt, dh, SCAN_PREC) + tl.load(DC + cbase * (K * V) + soffs)
     tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
@@ -405,8 +407,10 @@ def _bwd_state_kernel(
     r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    STORE_DSTATES: tl.constexpr,
 ):
-    """Serial, last chunk first: store dL/d(state at the end of each chunk); finally write dh0.
+    """Serial, last chunk first: store dL/d(state at the end of each chunk) (for the input gradients,
+    ``STORE_DSTATES``); finally write dh0.
 
     Per chunk (dh = gradient of the end state, do = gradient of the chunk's outputs)::
 
@@ -425,7 +429,8 @@ def _bwd_state_kernel(
         c = n_chunks - 1 - i
         t0 = bos + c * BT
         nv = eos - t0
-        tl.store(dstates + ((first_chunk + c) * H + i_h) * (K * V) + soffs, dh)
+        if STORE_DSTATES:
+            tl.store(dstates + ((first_chunk + c) * H + i_h) * (K * V) + soffs, dh)
         r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
         w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
         a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
@@ -939,11 +944,15 @@ class _WKV7Function(torch.autograd.Function):
             n_seq, seq_T = B, T
             n_chunks = B * math.ceil(T / BT)
             chunk_offsets = chunk_indices = None
-        need_grad = any(ctx.needs_input_grad[:7])
+        # Which gradients autograd wants. The chunk-start states are kept only for the input gradients
+        # (_bwd_grad_kernel): dh0 alone needs just the backward scan. That is the case of a state-tuned
+        # layer whose inputs come from frozen weights only (layer 0, or the lowest tuned layer).
+        need_input_grads = any(ctx.needs_input_grad[:6])
+        need_grad = need_input_grads or ctx.needs_input_grad[6]
         h0_f = None if h0 is None else h0.to(torch.float32).contiguous()
         o = torch.empty(B, T, H, V, dtype=dtype, device=r.device)
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device) if output_final_state else None
-        states = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device) if need_grad else None
+        states = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device) if need_input_grads else None
         h0_flags = dict(HAS_H0=h0 is not None, H0_BCAST=h0 is not None and h0.shape[0] == 1 and n_seq > 1)
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
         if _transition_form(K, V):
@@ -957,13 +966,13 @@ class _WKV7Function(torch.autograd.Function):
                 )
             _scan_fwd_kernel[(V // BV, n_seq * H)](
                 P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
-                STORE_FINAL=output_final_state, STORE_STATES=need_grad, SCAN_PREC=_scan_precision(dtype),
+                STORE_FINAL=output_final_state, STORE_STATES=need_input_grads, SCAN_PREC=_scan_precision(dtype),
                 num_warps=4, num_stages=2,
             )
         else:
             _fwd_kernel[(V // BV, n_seq * H)](
                 r, w, k, v, a, b, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
-                LOG2_BT=int(math.log2(BT)), **h0_flags, STORE_FINAL=output_final_state, STORE_STATES=need_grad,
+                LOG2_BT=int(math.log2(BT)), **h0_flags, STORE_FINAL=output_final_state, STORE_STATES=need_input_grads,
                 PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         if need_grad:
@@ -998,12 +1007,13 @@ class _WKV7Function(torch.autograd.Function):
         prec = _dot_precision(r.dtype)
         do = do.contiguous()
         dht = None if dht is None else dht.to(torch.float32).contiguous()
-        dstates = torch.empty_like(states)
+        # dstates: the gradient of every chunk's end state, for the input-gradient kernel only.
+        dstates = None if states is None else torch.empty_like(states)
         dh0 = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device)
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
         if _transition_form(K, V):
             P = torch.empty(n_chunks, H, K, K, dtype=torch.float32, device=r.device)
-            DC = torch.empty_like(dstates)
+            DC = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device)
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
                     r, w, k, v, a, b, do, P, None, None, None, DC, cu_seqlens, chunk_indices, seq_T, **common,
@@ -1011,15 +1021,22 @@ class _WKV7Function(torch.autograd.Function):
                 )
             _scan_bwd_kernel[(V // BV, n_seq * H)](
                 P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
-                HAS_DHT=dht is not None, SCAN_PREC=_scan_precision(r.dtype), num_warps=4, num_stages=2,
+                HAS_DHT=dht is not None, SCAN_PREC=_scan_precision(r.dtype), STORE_DSTATES=states is not None,
+                num_warps=4, num_stages=2,
             )
             del P, DC
         else:
             _bwd_state_kernel[(V // BV, n_seq * H)](
                 r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
-                LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec,
+                LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec, STORE_DSTATES=states is not None,
                 num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
+        dh0_out = None
+        if has_h0:
+            shape, dtype = h0_info
+            dh0_out = (dh0.sum(0, keepdim=True) if shape[0] == 1 and n_seq > 1 else dh0).to(dtype)
+        if states is None:  # only dh0 was asked for (see the forward): no input-gradient kernel
+            return None, None, None, None, None, None, dh0_out
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
         grad_prec = _grad_dot_precision(r.dtype)
         variant = _grad_variant(BT, K, V)
@@ -1047,10 +1064,6 @@ class _WKV7Function(torch.autograd.Function):
                 num_warps=gwarps, num_stages=_stages(BT, K),
             )
             del U, DX
-        dh0_out = None
-        if has_h0:
-            shape, dtype = h0_info
-            dh0_out = (dh0.sum(0, keepdim=True) if shape[0] == 1 and n_seq > 1 else dh0).to(dtype)
         return dr, dw, dk, dv, da, db, dh0_out
 
 

@@ -78,4 +78,10 @@ def run_compiled(block: nn.Module, *args):
             if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
                 setattr(cfg, name, _RECOMPILE_LIMIT)
         _compiled_calls[backend] = torch.compile(_call_block, backend=backend)
+    budget = os.environ.get("RWKV7_ACTIVATION_BUDGET")  # experimental: Inductor recomputes to fit a fraction
+    if budget:
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=float(budget)):
+            return _compiled_calls[backend](block, *args)
     return _compiled_calls[backend](block, *args)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
@@ -284,11 +285,19 @@ class Rwkv7ChannelMix(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x, shift_state, mask, output_final_state: bool):
+    def forward(self, x, shift_state, mask, output_final_state: bool, recompute: bool = False):
+        """``recompute``: keep only the input of the feed-forward layer for the backward and recompute its
+        ``[B, T, 4C]`` activation there (one more ``key`` matmul), see ``Rwkv7Model.recompute_ffn``."""
         k = x + (token_shift(x, shift_state, mask) - x) * self.x_k
-        out = self.value(torch.relu(self.key(k)) ** 2)
+        if recompute and torch.is_grad_enabled():
+            out = checkpoint(self._feed_forward, k, use_reentrant=False)
+        else:
+            out = self._feed_forward(k)
         shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
         return out, shift_final
+
+    def _feed_forward(self, k: torch.Tensor) -> torch.Tensor:
+        return self.value(torch.relu(self.key(k)) ** 2)
 
 
 class Rwkv7Block(nn.Module):
@@ -303,17 +312,20 @@ class Rwkv7Block(nn.Module):
         self.att = Rwkv7TimeMix(config, layer_idx)
         self.ffn = Rwkv7ChannelMix(config)
 
-    def forward(self, x, v_first, wkv_state, att_shift, ffn_shift, mask, output_final_state: bool = False):
+    def forward(
+        self, x, v_first, wkv_state, att_shift, ffn_shift, mask, output_final_state: bool = False, recompute_ffn: bool = False
+    ):
         """Returns ``(x, v_first, wkv_final, att_shift_final, ffn_shift_final)`` (finals ``None``
         unless ``output_final_state``). Every state is an explicit argument, so a checkpointed
-        replay sees the same tensors and their gradients flow."""
+        replay sees the same tensors and their gradients flow. ``recompute_ffn``: see
+        ``Rwkv7Model.recompute_ffn``."""
         if self.is_first:
             x = self.ln0(x)
         att_out, v_first, wkv_final, att_final = self.att(
             self.ln1(x), v_first, wkv_state, att_shift, mask, output_final_state
         )
         x = x + att_out
-        ffn_out, ffn_final = self.ffn(self.ln2(x), ffn_shift, mask, output_final_state)
+        ffn_out, ffn_final = self.ffn(self.ln2(x), ffn_shift, mask, output_final_state, recompute_ffn)
         x = x + ffn_out
         return x, v_first, wkv_final, att_final, ffn_final
 
@@ -435,6 +447,11 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         # None: compile the blocks when training on CUDA; True/False: always/never
         # (compiled_blocks.py; the environment variable RWKV7_COMPILE overrides both).
         self.compile_blocks: bool | None = None
+        # Recompute each feed-forward layer's [B, T, 4C] activation in the backward instead of keeping it
+        # (training without gradient checkpointing; with it, whole blocks are recomputed anyway). None:
+        # automatic (on for CUDA training), True/False: always/never; RWKV7_RECOMPUTE_FFN=0/1 overrides.
+        # Cost: one more [C, 4C] matmul per block in the backward. See docs/results.md for measurements.
+        self.recompute_ffn: bool | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -516,6 +533,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         v_first = None
         all_hidden = (x,) if output_hidden_states else None
         use_compiled = wants_compiled(self.compile_blocks, x)
+        recompute_ffn = not checkpointing and self._wants_ffn_recompute(x)
         for i, block in enumerate(self.blocks):
             compile_this = use_compiled and (self.compile_blocks or not has_hooks(block))
             run = functools.partial(run_compiled, block) if compile_this else block
@@ -529,12 +547,22 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                     run, x, v_first, wkv0, att0, ffn0, mask, bool(use_cache)
                 )
             else:
-                x, v_first, wkv, att, ffn = run(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache))
+                x, v_first, wkv, att, ffn = run(x, v_first, wkv0, att0, ffn0, mask, bool(use_cache), recompute_ffn)
             if use_cache:
                 cache.update(i, wkv, att, ffn)
             if output_hidden_states:
                 all_hidden += (x,)
         return x, all_hidden
+
+    def _wants_ffn_recompute(self, x: torch.Tensor) -> bool:
+        env = os.environ.get("RWKV7_RECOMPUTE_FFN", "").strip().lower()
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if env in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            return env in ("1", "true", "yes", "on")
+        if self.recompute_ffn is not None:
+            return bool(self.recompute_ffn)
+        return x.is_cuda
 
 
 class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):

@@ -54,6 +54,36 @@ def test_compiled_blocks_match_eager(model, monkeypatch, checkpointing):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager", "compiled"])
+def test_ffn_recompute_gives_the_same_gradients(model, monkeypatch, compile_blocks):
+    """RWKV7_RECOMPUTE_FFN (on by default for CUDA training) changes what is kept for the backward, not the
+    numbers: loss and state gradients equal those of the step that keeps the FFN activation."""
+    monkeypatch.setenv("RWKV7_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    ids = torch.randint(1, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    results = []
+    for recompute in ("0", "1"):
+        monkeypatch.setenv("RWKV7_RECOMPUTE_FFN", recompute)
+        results.append(_state_grads(model, ids, None, compile_blocks, checkpointing=False))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ffn_recompute_setting():
+    backbone = random_hf_model(vocab=300, hidden=128, layers=1, seed=4).model
+    x = torch.zeros(1, 2, 128)
+    backbone.train()
+    assert not backbone._wants_ffn_recompute(x)  # automatic: CUDA only
+    backbone.recompute_ffn = True
+    assert backbone._wants_ffn_recompute(x)
+    with torch.no_grad():
+        assert not backbone._wants_ffn_recompute(x)  # nothing to keep without gradients
+    backbone.eval()
+    assert not backbone._wants_ffn_recompute(x)
+
+
 def test_compiled_prefill_then_cache_matches_eager(model, monkeypatch):
     """Prefill compiled (output_final_state graph), then one-token steps eager from its cache."""
     monkeypatch.setenv("RWKV7_COMPILE_BACKEND", "aot_eager")

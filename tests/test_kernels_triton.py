@@ -159,6 +159,40 @@ def test_forward_only_and_dispatch():
     assert ht is None and rel(o, o_ref) < 1e-4
 
 
+@pytest.mark.parametrize("form", ["transition", "fused"])
+def test_only_initial_state_gradient(form, monkeypatch):
+    """Inputs that need no gradient (a state-tuned layer fed by frozen weights): the forward keeps no chunk
+    states, the backward runs the state scan only, and dh0 equals the reference's."""
+    import rwkv7_kernels.triton_wkv7 as tw
+
+    if form == "fused":
+        monkeypatch.setattr(tw, "_transition_form", lambda K, V: False)
+    launched = []
+    for name in ("_bwd_grad_kernel", "_bwd_dv_kernel", "_bwd_kgrad_kernel"):
+        monkeypatch.setattr(tw, name, _Recorder(getattr(tw, name), name, launched))
+    xs = rwkv_inputs(2, 45, 2, 32, torch.float32, seed=3)
+    h0 = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
+    do = torch.randn(2, 45, 2, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    o, _ = wkv7_triton(*xs, initial_state=h0, chunk_size=16)
+    (dh0,) = torch.autograd.grad(o, h0, do)
+    h0_ref = h0.detach().clone().requires_grad_()
+    o_ref, _ = wkv7_reference(*xs, initial_state=h0_ref)
+    (dh0_ref,) = torch.autograd.grad(o_ref, h0_ref, do)
+    assert rel(o, o_ref) < 1e-5 and rel(dh0, dh0_ref) < 1e-5
+    assert launched == []  # no input-gradient kernel ran
+
+
+class _Recorder:
+    """Stands in for a Triton kernel (``kernel[grid](...)``): records the launch, then runs it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 def test_fp32_decay_with_bf16_activations():
     """A log decay kept in fp32 next to bf16 activations is used as is, and its gradient is fp32."""
     xs = rwkv_inputs(1, 40, 2, 16, torch.bfloat16, seed=9)
