@@ -36,9 +36,8 @@ PROFILE = False  # --profile
 
 # Variants of the default state-tuning step: the environment of their own process (see modeling_rwkv7).
 RUN_ENV = {
-    "ours_state_tuning_keep_ffn": {"RWKV7_RECOMPUTE_FFN": "0"},  # the FFN activation kept, as before
-    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},  # Inductor recomputes more
-    "ours_state_tuning_budget50": {"RWKV7_ACTIVATION_BUDGET": "0.5"},
+    # what the compiled blocks kept before the activation memory budget (modeling_rwkv7/compiled_blocks.py)
+    "ours_state_tuning_budget100": {"RWKV7_ACTIVATION_BUDGET": "1"},
     "ours_state_tuning_grad_bf16": {"RWKV7_WKV_GRAD_DOT_PREC": "bf16"},  # bf16 products in the WKV gradient
 }
 
@@ -181,6 +180,9 @@ def main() -> None:
             results["runs"][name] = {"merged_from": str(path), **r}
     runs = {  # the peer first: a run cut by a time limit still has it to compare with
         "fla_state_tuning": lambda: fla_peer(args.batch, args.seq),
+        # The peer again in a fresh process: its autotuner's choice varies from process to process (206 k and
+        # 262 k tok/s in two runs on H200s); ratios use its fastest run.
+        "fla_state_tuning_repeat": lambda: fla_peer(args.batch, args.seq),
         "ours_state_tuning": lambda: ours(args.batch, args.seq, checkpointing=False),
         "ours_state_tuning_ckpt": lambda: ours(args.batch, args.seq, checkpointing=True),
         "ours_state_tuning_eager": lambda: ours(args.batch, args.seq, checkpointing=False, compile_blocks=False),
@@ -212,7 +214,8 @@ def main() -> None:
                 results["runs"][name]["env"] = RUN_ENV[name]
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
         write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
-    peer = results["runs"].get("fla_state_tuning", {})
+    peers = [r for n, r in results["runs"].items() if n.startswith("fla_state_tuning") and "tokens_per_s" in r]
+    peer = max(peers, key=lambda r: r["tokens_per_s"], default={})
     for name, r in results["runs"].items():
         if "tokens_per_s" in r and "tokens_per_s" in peer:
             r["speed_vs_fla"] = r["tokens_per_s"] / peer["tokens_per_s"]

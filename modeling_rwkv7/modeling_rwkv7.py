@@ -449,8 +449,9 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         self.compile_blocks: bool | None = None
         # Recompute each feed-forward layer's [B, T, 4C] activation in the backward instead of keeping it
         # (training without gradient checkpointing; with it, whole blocks are recomputed anyway). None:
-        # automatic (on for CUDA training), True/False: always/never; RWKV7_RECOMPUTE_FFN=0/1 overrides.
-        # Cost: one more [C, 4C] matmul per block in the backward. See docs/results.md for measurements.
+        # automatic: on for CUDA training of blocks that run eagerly (compiled blocks get the same from their
+        # activation memory budget, compiled_blocks.py), True/False: always/never; RWKV7_RECOMPUTE_FFN=0/1
+        # overrides. Cost: one more [C, 4C] matmul per block in the backward.
         self.recompute_ffn: bool | None = None
         self.post_init()
 
@@ -533,10 +534,10 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         v_first = None
         all_hidden = (x,) if output_hidden_states else None
         use_compiled = wants_compiled(self.compile_blocks, x)
-        recompute_ffn = not checkpointing and self._wants_ffn_recompute(x)
         for i, block in enumerate(self.blocks):
             compile_this = use_compiled and (self.compile_blocks or not has_hooks(block))
             run = functools.partial(run_compiled, block) if compile_this else block
+            recompute_ffn = not checkpointing and self._wants_ffn_recompute(x, compile_this)
             wkv0, att0, ffn0 = start.layer(i) if start is not None else (None, None, None)
             wkv0 = _fit_batch(wkv0, B)
             att0, ffn0 = _fit_batch(att0, B), _fit_batch(ffn0, B)
@@ -554,7 +555,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 all_hidden += (x,)
         return x, all_hidden
 
-    def _wants_ffn_recompute(self, x: torch.Tensor) -> bool:
+    def _wants_ffn_recompute(self, x: torch.Tensor, compiled: bool) -> bool:
         env = os.environ.get("RWKV7_RECOMPUTE_FFN", "").strip().lower()
         if not (self.training and torch.is_grad_enabled()):
             return False
@@ -562,7 +563,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
             return env in ("1", "true", "yes", "on")
         if self.recompute_ffn is not None:
             return bool(self.recompute_ffn)
-        return x.is_cuda
+        return x.is_cuda and not compiled
 
 
 class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):

@@ -56,7 +56,7 @@ def test_compiled_blocks_match_eager(model, monkeypatch, checkpointing):
 
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager", "compiled"])
 def test_ffn_recompute_gives_the_same_gradients(model, monkeypatch, compile_blocks):
-    """RWKV7_RECOMPUTE_FFN (on by default for CUDA training) changes what is kept for the backward, not the
+    """RWKV7_RECOMPUTE_FFN (on by default for eager CUDA training) changes what is kept for the backward, not the
     numbers: loss and state gradients equal those of the step that keeps the FFN activation."""
     monkeypatch.setenv("RWKV7_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -75,13 +75,26 @@ def test_ffn_recompute_setting():
     backbone = random_hf_model(vocab=300, hidden=128, layers=1, seed=4).model
     x = torch.zeros(1, 2, 128)
     backbone.train()
-    assert not backbone._wants_ffn_recompute(x)  # automatic: CUDA only
+    assert not backbone._wants_ffn_recompute(x, compiled=False)  # automatic: eager blocks on CUDA only
     backbone.recompute_ffn = True
-    assert backbone._wants_ffn_recompute(x)
+    assert backbone._wants_ffn_recompute(x, compiled=True)
     with torch.no_grad():
-        assert not backbone._wants_ffn_recompute(x)  # nothing to keep without gradients
+        assert not backbone._wants_ffn_recompute(x, compiled=False)  # nothing to keep without gradients
     backbone.eval()
-    assert not backbone._wants_ffn_recompute(x)
+    assert not backbone._wants_ffn_recompute(x, compiled=False)
+
+
+def test_activation_budget_setting(monkeypatch):
+    from modeling_rwkv7.compiled_blocks import DEFAULT_ACTIVATION_BUDGET, activation_memory_budget
+
+    monkeypatch.delenv("RWKV7_ACTIVATION_BUDGET", raising=False)
+    assert activation_memory_budget() == DEFAULT_ACTIVATION_BUDGET
+    monkeypatch.setenv("RWKV7_ACTIVATION_BUDGET", "1")
+    assert activation_memory_budget() == 1.0
+    for bad in ("0", "1.5", "lots"):
+        monkeypatch.setenv("RWKV7_ACTIVATION_BUDGET", bad)
+        with pytest.raises(ValueError, match="RWKV7_ACTIVATION_BUDGET"):
+            activation_memory_budget()
 
 
 def test_compiled_prefill_then_cache_matches_eager(model, monkeypatch):
