@@ -38,6 +38,8 @@ PROFILE = False  # --profile
 RUN_ENV = {
     # what the compiled blocks kept before the activation memory budget (modeling_rwkv7/compiled_blocks.py)
     "ours_state_tuning_budget100": {"RWKV7_ACTIVATION_BUDGET": "1"},
+    "ours_state_tuning_budget80": {"RWKV7_ACTIVATION_BUDGET": "0.8"},
+    "ours_state_tuning_budget90": {"RWKV7_ACTIVATION_BUDGET": "0.9"},
     "ours_state_tuning_grad_bf16": {"RWKV7_WKV_GRAD_DOT_PREC": "bf16"},  # bf16 products in the WKV gradient
 }
 
