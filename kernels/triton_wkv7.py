@@ -861,11 +861,20 @@ GRAD_VARIANTS = ("fused", "split")
 
 
 def _grad_variant(BT: int, K: int, V: int) -> str:
-    """``RWKV7_WKV_GRAD_VARIANT`` if set, else "fused" where it fits in shared memory (see "Shared
-    memory" below: up to BT * head size = 4096, i.e. every chunk at head size 64, BT <= 32 at 128, BT 16
-    at 256) and "split" beyond, whose K-side kernel works on K-blocks and whose dv kernel holds no K-side
-    accumulators."""
-    variant = os.environ.get("RWKV7_WKV_GRAD_VARIANT") or ("fused" if BT * max(K, V) <= 4096 else "split")
+    """``RWKV7_WKV_GRAD_VARIANT`` if set, else by timing and shared memory:
+
+    * head size <= 64: "split" from BT = 32 on, "fused" at BT = 16. Measured on an H200 (``tune_kernels.py
+      --chunks 16,32,64``, (8, 4096, 12, 64), fwd+bwd): BT 32 split 3.65 ms (4 warps) vs fused 4.10; BT 64
+      split 5.12 vs fused 6.03; BT 16 fused 4.51 vs split 5.01. The same numbers either way.
+    * larger heads (not timed on a GPU): "fused" where it fits in shared memory (see "Shared memory" below: up
+      to BT * head size = 4096, i.e. BT <= 32 at 128, BT 16 at 256) and "split" beyond, whose K-side kernel
+      works on K-blocks and whose dv kernel holds no K-side accumulators.
+    """
+    if max(K, V) <= 64:
+        default = "split" if BT >= 32 else "fused"
+    else:
+        default = "fused" if BT * max(K, V) <= 4096 else "split"
+    variant = os.environ.get("RWKV7_WKV_GRAD_VARIANT") or default
     if variant not in GRAD_VARIANTS:
         raise ValueError(f"RWKV7_WKV_GRAD_VARIANT={variant!r}: expected one of {GRAD_VARIANTS}")
     return variant
@@ -894,8 +903,9 @@ def _split_grad_tiles(BT: int, K: int, V: int) -> tuple[int, int]:
 
 def _grad_warps(variant: str, BT: int, K: int) -> int:
     """Warps of the gradient kernel(s) (``RWKV7_WKV_GRAD_WARPS``). Default: "fused", those of the
-    other per-chunk kernels (:func:`_parallel_warps`); "split", 8 (both of its kernels spill less)."""
-    default = _parallel_warps(BT, K) if variant == "fused" else 8
+    other per-chunk kernels (:func:`_parallel_warps`); "split", 4 up to BT * K = 2048 (H200, BT 32, K 64:
+    3.65 ms fwd+bwd at 4 warps, 4.93 at 8), 8 beyond (both of its kernels spill less; BT 64, K 64: 5.12 ms)."""
+    default = _parallel_warps(BT, K) if variant == "fused" else (4 if BT * K <= 2048 else 8)
     return int(os.environ.get("RWKV7_WKV_GRAD_WARPS", "0")) or default
 
 

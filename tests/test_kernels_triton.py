@@ -61,11 +61,11 @@ def test_matches_reference(B, T, H, N, chunk, h0_kind, dtype):
     assert_close_all(ours, ref, dtype)
 
 
-# Gradient-kernel variants (RWKV7_WKV_GRAD_VARIANT, read at each backward): the default single
+# Gradient-kernel variants (RWKV7_WKV_GRAD_VARIANT, read at each backward): the single ("fused")
 # kernel, and the split pair with blocks of 16 (at N = 32: two dv programs per chunk, two steps of
 # the K-side kernel's V loop, two K-block programs).
 GRAD_VARIANTS = [
-    pytest.param({}, id="grad-fused"),
+    pytest.param({"RWKV7_WKV_GRAD_VARIANT": "fused"}, id="grad-fused"),
     pytest.param({"RWKV7_WKV_GRAD_VARIANT": "split", "RWKV7_WKV_GRAD_BV": "16", "RWKV7_WKV_GRAD_KBV": "16",
                   "RWKV7_WKV_GRAD_BK": "16"}, id="grad-split"),
 ]
@@ -261,7 +261,7 @@ class _DoesNotFit:
     "kernel,varlen",
     [
         pytest.param("_scan_fwd_kernel", False, id="forward"),  # caught by the dispatcher
-        pytest.param("_bwd_grad_kernel", True, id="backward-varlen-bcast"),  # caught inside the autograd function
+        pytest.param("_bwd_dv_kernel", True, id="backward-varlen-bcast"),  # caught inside the autograd function
         pytest.param("_decode_kernel", False, id="decode"),
     ],
 )
@@ -327,7 +327,7 @@ def test_block_choice_by_head_size(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert [_max_chunk(n, n, torch.bfloat16) for n in (64, 128, 256)] == [64, 64, 32]
     assert [_max_chunk(n, n, torch.float32) for n in (64, 128, 256)] == [32, 32, 32]
-    assert [_grad_variant(bt, 64, 64) for bt in (16, 32, 64)] == ["fused"] * 3
+    assert [_grad_variant(bt, 64, 64) for bt in (16, 32, 64)] == ["fused", "split", "split"]  # timed, not forced
     assert [_grad_variant(bt, 128, 128) for bt in (16, 32, 64)] == ["fused", "fused", "split"]
     assert [_grad_variant(bt, 256, 256) for bt in (16, 32)] == ["fused", "split"]
     blocks = [_grad_block_v(variant, n, n) for variant, n in (("fused", 64), ("fused", 128), ("split", 256))]
