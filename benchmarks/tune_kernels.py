@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--dot-precs", default="tf32",
                     help="precision of the intra-chunk products (RWKV7_WKV_DOT_PREC): tf32, bf16, tf32x3, ieee")
     ap.add_argument("--grad-dot-precs", default="same",
-                    help="precision of the gradient kernels' products only (RWKV7_WKV_GRAD_DOT_PREC); same: as above")
+                    help="precision of the gradient kernels' products only (RWKV7_WKV_GRAD_DOT_PREC: tf32, mixed, bf16, ...); "
+                         "same: the variable unset (the kernels' default: mixed at TF32 products)")
     ap.add_argument("--par-warps", default="4", help="warps of the per-chunk pre-pass (RWKV7_WKV_PAR_WARPS)")
     ap.add_argument("--grad-variants", default="fused,split", help="gradient kernel(s) (RWKV7_WKV_GRAD_VARIANT)")
     ap.add_argument("--grad-bvs", default="16,32,64",

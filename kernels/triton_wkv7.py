@@ -810,23 +810,29 @@ def _dot_precision(dtype: torch.dtype, env: str = "RWKV7_WKV_DOT_PREC") -> str:
 
 
 def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """Precisions of the gradient kernels' products (``RWKV7_WKV_GRAD_DOT_PREC``; default: that of the other
-    kernels): ``(PREC, PREC_LO)``, ``PREC_LO`` for the products whose rounding the gradients hardly feel.
+    """Precisions of the gradient kernels' products: ``(PREC, PREC_LO)``, ``PREC_LO`` for the products whose
+    rounding the gradients hardly feel. ``RWKV7_WKV_GRAD_DOT_PREC``: "mixed" (the default for bf16/fp16 inputs
+    at the default TF32 products), "tf32" (TF32 everywhere, the default until 2026-11-26), "bf16", or any
+    other product precision; unset with ``RWKV7_WKV_DOT_PREC`` set, the gradient kernels follow that.
 
-    Whatever is chosen here, ``o``, the final state and ``dh0`` stay exactly those of the default (the forward,
-    the pre-pass and the scans keep their precision); only the six input gradients change. "bf16": every
-    product on bf16 operands. "mixed": bf16 only for the inverse ``(I - A_ab)^-1`` and the four outer products
-    with the chunk's states (``do h0^T``, ``dx h0^T``, ``v dhe^T``, ``u dhe^T``): measured one group at a time
-    (Triton interpreter, bf16 inputs, T = 256, N = 64, against the fp32 reference), those two groups moved the
-    worst input gradient from 4.2e-3 to 4.5e-3, while each other group alone took it to 6.5e-3 - 1.2e-2.
+    Whatever is chosen here, ``o``, the final state and ``dh0`` stay exactly those of the TF32 run (the
+    forward, the pre-pass and the scans keep their precision); only the six input gradients change.
+    "mixed": bf16 only for the inverse ``(I - A_ab)^-1`` and the four outer products with the chunk's states
+    (``do h0^T``, ``dx h0^T``, ``v dhe^T``, ``u dhe^T``). Measured one group of products at a time (Triton
+    interpreter, bf16 inputs, T = 256, N = 64, against the fp32 reference), those two groups moved the worst
+    input gradient from 4.2e-3 to 4.5e-3, while each other group alone took it to 6.5e-3 - 1.2e-2. On an H200
+    at (8, 4096, 12, 64): worst input gradient 4.0e-3 vs 3.9e-3 (the peer's: 4.4e-3), fwd+bwd 3.54 vs 3.74 ms
+    (benchmarks/results/tune_kernels_split_h200.json).
     """
     env = os.environ.get("RWKV7_WKV_GRAD_DOT_PREC")
     if env and env not in (*DOT_PRECISIONS, "mixed"):
         raise ValueError(f"RWKV7_WKV_GRAD_DOT_PREC={env!r}: expected one of {(*DOT_PRECISIONS, 'mixed')}")
+    prec = _dot_precision(dtype)
+    if not env and prec == "tf32":
+        env = "mixed"
     if env == "mixed":
-        prec = _dot_precision(dtype)
-        return prec, (prec if dtype == torch.float32 else "bf16")
-    prec = _dot_precision(dtype, "RWKV7_WKV_GRAD_DOT_PREC") if env else _dot_precision(dtype)
+        return prec, ("bf16" if prec == "tf32" else prec)
+    prec = _dot_precision(dtype, "RWKV7_WKV_GRAD_DOT_PREC") if env else prec
     return prec, prec
 
 

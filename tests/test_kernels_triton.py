@@ -130,12 +130,14 @@ def test_bf16_products_match_reference(form, monkeypatch):
 @pytest.mark.parametrize("grad_prec", ["bf16", "mixed"])
 @pytest.mark.parametrize("grad_env", GRAD_VARIANTS)
 def test_bf16_products_in_gradient_kernel_only(grad_prec, grad_env, monkeypatch):
-    """``RWKV7_WKV_GRAD_DOT_PREC=bf16`` or ``mixed``: o, the final state and dh0 are exactly those of the default
-    (TF32) run, since only the gradient kernels' products change; the six input gradients within 5%."""
+    """``RWKV7_WKV_GRAD_DOT_PREC=bf16`` or ``mixed`` (the default): o, the final state and dh0 are exactly those
+    of the all-TF32 run, since only the gradient kernels' products change; the six input gradients within 5%,
+    and with "mixed" close to the all-TF32 run's own error."""
     for name, value in grad_env.items():
         monkeypatch.setenv(name, value)
     xs = rwkv_inputs(1, 77, 2, 32, torch.bfloat16, seed=7)
     h0 = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    monkeypatch.setenv("RWKV7_WKV_GRAD_DOT_PREC", "tf32")
     default = run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
     monkeypatch.setenv("RWKV7_WKV_GRAD_DOT_PREC", grad_prec)
     coarse = run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
@@ -148,6 +150,10 @@ def test_bf16_products_in_gradient_kernel_only(grad_prec, grad_env, monkeypatch)
     if grad_prec == "mixed":  # bf16 only where it costs little: close to the default's own error
         base = {n: rel(x, y) for n, x, y in zip(wkv_cases.NAMES, default, ref)}
         assert all(errs[n] < 1.5 * base[n] + 1e-4 for n in errs), (errs, base)
+    if grad_prec == "mixed":  # and it is what an unset variable means
+        monkeypatch.delenv("RWKV7_WKV_GRAD_DOT_PREC")
+        unset = run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
+        assert all(torch.equal(x, y) for x, y in zip(unset, coarse))
     monkeypatch.setenv("RWKV7_WKV_GRAD_DOT_PREC", "fp8")
     with pytest.raises(ValueError, match="mixed"):
         run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
