@@ -158,6 +158,20 @@ def fla_peer(batch, seq) -> dict:
     return out
 
 
+def add_ratios(runs: dict) -> None:
+    """speed_vs_fla / memory_vs_fla of every run measured beside the peer: in this invocation, or merged from
+    the same file as the peer (its run on the other GPU of a host at the same time). Runs merged from other
+    invocations keep their numbers but get no ratio: their peer was another run."""
+    peers = [r for n, r in runs.items() if n.startswith("fla_state_tuning") and "tokens_per_s" in r]
+    peer = max(peers, key=lambda r: r["tokens_per_s"], default={})
+    for r in runs.values():
+        r.pop("speed_vs_fla", None), r.pop("memory_vs_fla", None)
+        beside_peer = r.get("merged_from") in (None, peer.get("merged_from"))
+        if "tokens_per_s" in r and "tokens_per_s" in peer and beside_peer:
+            r["speed_vs_fla"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            r["memory_vs_fla"] = r["peak_gb"] / peer["peak_gb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -218,12 +232,7 @@ def main() -> None:
                 results["runs"][name]["env"] = RUN_ENV[name]
         print(name, {k: v for k, v in results["runs"][name].items() if k != "trace"}, flush=True)
         write_results("bench_train", results)  # after every run: a cut-off job keeps what it measured
-    peers = [r for n, r in results["runs"].items() if n.startswith("fla_state_tuning") and "tokens_per_s" in r]
-    peer = max(peers, key=lambda r: r["tokens_per_s"], default={})
-    for name, r in results["runs"].items():
-        if "tokens_per_s" in r and "tokens_per_s" in peer:
-            r["speed_vs_fla"] = r["tokens_per_s"] / peer["tokens_per_s"]
-            r["memory_vs_fla"] = r["peak_gb"] / peer["peak_gb"]
+    add_ratios(results["runs"])
     print(write_results("bench_train", results))
     try:
         import matplotlib

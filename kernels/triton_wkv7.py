@@ -818,8 +818,9 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     Whatever is chosen here, ``o``, the final state and ``dh0`` stay exactly those of the TF32 run (the
     forward, the pre-pass and the scans keep their precision); only the six input gradients change.
     "mixed": bf16 only for the inverse ``(I - A_ab)^-1`` and the four outer products with the chunk's states
-    (``do h0^T``, ``dx h0^T``, ``v dhe^T``, ``u dhe^T``). Measured one group of products at a time (Triton
-    interpreter, bf16 inputs, T = 256, N = 64, against the fp32 reference), those two groups moved the worst
+    (``do h0^T``, ``dx h0^T``, ``v dhe^T``, ``u dhe^T``). Measured one group of products at a time
+    (benchmarks/grad_precision_study.py: Triton interpreter, bf16 inputs, T = 256, N = 64, against the fp32
+    reference), those two groups moved the worst
     input gradient from 4.2e-3 to 4.5e-3, while each other group alone took it to 6.5e-3 - 1.2e-2. On an H200
     at (8, 4096, 12, 64): worst input gradient 4.0e-3 vs 3.9e-3 (the peer's: 4.4e-3), fwd+bwd 3.54 vs 3.74 ms
     (benchmarks/results/tune_kernels_split_h200.json).

@@ -357,3 +357,15 @@ def test_kernels_fit_h100_shared_memory():
     if proc.returncode == 77:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_grad_precision_study_still_matches_the_kernel():
+    """benchmarks/grad_precision_study.py rewrites _bwd_grad_kernel's products group by group: it must find every
+    statement it names (the study behind the default "mixed" gradient precision stays reproducible)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grad_precision_study.py"
+    spec = importlib.util.spec_from_file_location("grad_precision_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.grouped_kernel().arg_names[-8:] == [f"P{i}" for i in range(8)]

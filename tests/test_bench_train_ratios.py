@@ -1,0 +1,39 @@
+"""benchmarks/bench_train.py's ratios to the peer: only for runs measured beside it (CPU, no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_train():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_only_beside_the_peer():
+    add_ratios = _bench_train().add_ratios
+    # the peer here, twice (its fastest run counts); a run here; a run merged from an earlier invocation
+    runs = {
+        "fla_state_tuning": {"tokens_per_s": 200.0, "peak_gb": 20.0},
+        "fla_state_tuning_repeat": {"tokens_per_s": 250.0, "peak_gb": 20.0},
+        "ours_state_tuning": {"tokens_per_s": 300.0, "peak_gb": 10.0},
+        "ours_old": {"merged_from": "old.json", "tokens_per_s": 280.0, "peak_gb": 12.0, "speed_vs_fla": 9.0},
+    }
+    add_ratios(runs)
+    assert runs["ours_state_tuning"]["speed_vs_fla"] == 300 / 250 and runs["ours_state_tuning"]["memory_vs_fla"] == 0.5
+    assert "speed_vs_fla" not in runs["ours_old"]  # its peer was another run: a stale ratio is dropped too
+    # the peer merged from the other GPU's file (run at the same time): our runs here get ratios, as do runs
+    # merged from that same file
+    runs = {
+        "fla_state_tuning": {"merged_from": "gpu1.json", "tokens_per_s": 200.0, "peak_gb": 20.0},
+        "ours_state_tuning": {"tokens_per_s": 300.0, "peak_gb": 10.0},
+    }
+    add_ratios(runs)
+    assert runs["ours_state_tuning"]["speed_vs_fla"] == 1.5
