@@ -140,12 +140,15 @@ class _ChunkedLMLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        weight_as_logits = None  # the head in the logits' dtype (autocast may differ from the weight's), cast once
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             logits = h @ weight.t()
             total = total + cross_entropy_sum_(logits, labels[s : s + chunk], write_grad=want_hidden or want_weight)
             if grad_hidden is not None:  # `logits` now holds d loss / d logits
-                grad_hidden[s : s + chunk] = logits @ weight.to(logits.dtype)
+                if weight_as_logits is None:
+                    weight_as_logits = weight.to(logits.dtype)
+                grad_hidden[s : s + chunk] = logits @ weight_as_logits
             if grad_weight is not None:
                 grad_weight += (logits.t() @ h.to(logits.dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
