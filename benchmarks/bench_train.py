@@ -165,7 +165,8 @@ def add_ratios(runs: dict) -> None:
     peers = [r for n, r in runs.items() if n.startswith("fla_state_tuning") and "tokens_per_s" in r]
     peer = max(peers, key=lambda r: r["tokens_per_s"], default={})
     for r in runs.values():
-        r.pop("speed_vs_fla", None), r.pop("memory_vs_fla", None)
+        r.pop("speed_vs_fla", None)
+        r.pop("memory_vs_fla", None)
         beside_peer = r.get("merged_from") in (None, peer.get("merged_from"))
         if "tokens_per_s" in r and "tokens_per_s" in peer and beside_peer:
             r["speed_vs_fla"] = r["tokens_per_s"] / peer["tokens_per_s"]

@@ -47,16 +47,27 @@ DEFAULT_ACTIVATION_BUDGET = 0.7
 _RECOMPILE_LIMIT = 64
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: True for 1/true/yes/on, False for 0/false/no/off, None when unset (or
+    anything else)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def wants_compiled(setting: bool | None, x: torch.Tensor) -> bool:
     """Whether the blocks should run compiled for the hidden states ``x`` (``[B, T, C]``)."""
-    env = os.environ.get("RWKV7_COMPILE", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
+    env = env_switch("RWKV7_COMPILE")
+    if env is False:
         return False
     if torch.compiler.is_compiling():  # the caller compiles the whole model: nothing to add
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    if env in ("1", "true", "yes", "on"):
+    if env:
         return True
     if setting is not None:
         return bool(setting)

@@ -37,7 +37,7 @@ from rwkv7_kernels import cross_entropy_sum_, wkv7
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
 from .convert import CheckpointFormatError, is_fla_folder, load_fla_folder
-from .compiled_blocks import has_hooks, run_compiled, wants_compiled
+from .compiled_blocks import env_switch, has_hooks, run_compiled, wants_compiled
 from .graph_decode import DecodeGraph, can_use_graph
 
 logger = logging.get_logger(__name__)
@@ -559,11 +559,11 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         return x, all_hidden
 
     def _wants_ffn_recompute(self, x: torch.Tensor, compiled: bool) -> bool:
-        env = os.environ.get("RWKV7_RECOMPUTE_FFN", "").strip().lower()
         if not (self.training and torch.is_grad_enabled()):
             return False
-        if env in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-            return env in ("1", "true", "yes", "on")
+        env = env_switch("RWKV7_RECOMPUTE_FFN")
+        if env is not None:
+            return env
         if self.recompute_ffn is not None:
             return bool(self.recompute_ffn)
         return x.is_cuda and not compiled
