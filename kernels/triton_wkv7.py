@@ -455,6 +455,16 @@ def _bwd_state_kernel(
 
 
 @triton.jit
+def _grad_accumulators(BT: tl.constexpr, BK: tl.constexpr):
+    """The zeroed sums over V of the gradient kernels, for ``BK`` key columns: dA_rk, dA_rb, dA_ak, dA_ab
+    ([BT, BT]), drg, dag, dkt, dbt ([BT, BK]) and d_end ([BK]: sum over V of dh_end * h0, the gradient of
+    e^{g_last})."""
+    square = tl.zeros([BT, BT], dtype=tl.float32)
+    tile = tl.zeros([BT, BK], dtype=tl.float32)
+    return square, square, square, square, tile, tile, tile, tile, tl.zeros([BK], dtype=tl.float32)
+
+
+@triton.jit
 def _bwd_grad_kernel(
     r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
@@ -493,15 +503,7 @@ def _bwd_grad_kernel(
     A_ak = _masked_dot_t(ag, kn, True, BT, PREC)
     inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
 
-    dA_rk = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_rb = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_ak = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_ab = tl.zeros([BT, BT], dtype=tl.float32)
-    drg = tl.zeros([BT, K], dtype=tl.float32)
-    dag = tl.zeros([BT, K], dtype=tl.float32)
-    dkt = tl.zeros([BT, K], dtype=tl.float32)
-    dbt = tl.zeros([BT, K], dtype=tl.float32)
-    d_end = tl.zeros([K], dtype=tl.float32)  # sum over V of dh_end * h0: gradient of e^{g_last}
+    dA_rk, dA_rb, dA_ak, dA_ab, drg, dag, dkt, dbt, d_end = _grad_accumulators(BT, K)
 
     sbase = (i_c.to(tl.int64) * H + i_h) * (K * V)
     for i_v in range(0, V // BV):
@@ -663,15 +665,7 @@ def _bwd_kgrad_kernel(
     rows = tl.arange(0, BT)
     cbase = i_c.to(tl.int64) * H + i_h
 
-    dA_rk = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_rb = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_ak = tl.zeros([BT, BT], dtype=tl.float32)
-    dA_ab = tl.zeros([BT, BT], dtype=tl.float32)
-    drg = tl.zeros([BT, BK], dtype=tl.float32)
-    dag = tl.zeros([BT, BK], dtype=tl.float32)
-    dkt = tl.zeros([BT, BK], dtype=tl.float32)
-    dbt = tl.zeros([BT, BK], dtype=tl.float32)
-    d_end = tl.zeros([BK], dtype=tl.float32)  # sum over V of dh_end * h0: gradient of e^{g_last}
+    dA_rk, dA_rb, dA_ak, dA_ab, drg, dag, dkt, dbt, d_end = _grad_accumulators(BT, BK)
     for i_v in range(0, V // BV):
         col0 = i_v * BV
         soffs = krows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]  # rows kcol0.. of the [K, V] state
