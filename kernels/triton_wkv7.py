@@ -30,15 +30,16 @@ Kernels:
   end-state gradient known, recomputes the chunk and forms every input gradient. It holds all of V,
   so the gradients of the K-side inputs (sums over V) need no cross-program reduction.
 * ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel``: the same gradients in two kernels with fewer live
-  tiles (``RWKV7_WKV_GRAD_VARIANT=split``; default: "fused", the kernel above, where it fits in
-  shared memory, "split" beyond, see :func:`_grad_variant`): dv, u and dx per (V-block, chunk,
-  head), then the K-side gradients per (K-block, chunk, head) from u and dx.
+  tiles (``RWKV7_WKV_GRAD_VARIANT=split``; the default for head size 64 from BT 32, where it is the faster
+  one, and beyond the fused kernel's shared memory; see :func:`_grad_variant`): dv, u and dx per (V-block,
+  chunk, head), then the K-side gradients per (K-block, chunk, head) from u and dx.
 * ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
   in place.
 
 Numerics: every product accumulates in fp32 and every intermediate is fp32; the states (stored chunk
 states too) are fp32. For bf16/fp16 inputs the products use TF32 tensor cores (10-bit mantissa, finer
-than the inputs' own rounding); for fp32 inputs they are full-precision ("ieee").
+than the inputs' own rounding), except two groups in the gradient kernels that take bf16 operands
+(:func:`_grad_dot_precisions`); for fp32 inputs they are full-precision ("ieee").
 
 Decay floor and chunk size: the factors ``e^{+-g}`` are formed separately, so one chunk's cumulative
 log decay must stay far inside fp32's range (|g| < 88). RWKV-7 keeps ``w >= -0.6065306597`` (decay
