@@ -80,9 +80,17 @@ def main() -> None:
     os.environ["RWKV7_WKV_GRAD_VARIANT"] = "fused"
     kernel, precs = grouped_kernel(), ["tf32"] * len(GROUPS)
 
+    inv_arg = kernel.arg_names.index("INV")
+
     class Launch:  # stands in for tw._bwd_grad_kernel: adds the per-group precisions
         def __getitem__(self, grid):
-            return lambda *a, **kw: kernel[grid](*a, **kw, **{f"P{i}": p for i, p in enumerate(precs)})
+            def launch(*a, **kw):
+                # INV=None: the kernel forms the inverse itself (at its group's precision) instead of
+                # reading the forward's, as every gradient kernel did when this study was made.
+                a = (*a[:inv_arg], None, *a[inv_arg + 1:])
+                return kernel[grid](*a, **kw, **{f"P{i}": p for i, p in enumerate(precs)})
+
+            return launch
 
     tw._bwd_grad_kernel = Launch()
     B, H, N = 1, 2, 64

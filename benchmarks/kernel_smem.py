@@ -98,6 +98,8 @@ def _compile_spec(name: str, args: tuple, meta: dict):
     arg_names = getattr(triton_wkv7, name).arg_names
     meta = dict(meta)
     options = (("num_warps", meta.pop("num_warps", 4)), ("num_stages", meta.pop("num_stages", 3)))
+    if "maxnreg" in meta:  # a launch option (register cap), not a kernel argument
+        options += (("maxnreg", meta.pop("maxnreg")),)
     signature, constexprs = [], []
     for arg_name, value in zip(arg_names, args):
         if isinstance(value, torch.Tensor):

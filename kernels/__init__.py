@@ -98,6 +98,7 @@ def wkv7(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The WKV-7 recurrence, forward and backward.
 
@@ -111,6 +112,10 @@ def wkv7(
         cu_seqlens: ``[N + 1]`` cumulative lengths of packed sequences (then ``B == 1``).
         backend: ``"triton"``, ``"torch"`` or ``"reference"``; default: Triton for CUDA tensors,
             PyTorch otherwise.
+        lower_bound: a bound that the caller guarantees, ``w >= lower_bound`` (RWKV-7's layers:
+            ``-e^-0.5``). The Triton path then picks its chunk size from it
+            instead of reading ``w.min()``, a device sync per call (like flash-linear-attention's
+            ``lower_bound``). Values below the bound are the caller's error: they are not checked.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the dtype of ``r``; ``final_state`` is
@@ -134,7 +139,7 @@ def wkv7(
                     return _decode(r, w, k, v, a, b, initial_state, output_final_state)
                 o, final = tw.wkv7_triton(r, w, k, v, a, b, initial_state=initial_state,
                                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                          torch_fallback=True)
+                                          torch_fallback=True, lower_bound=lower_bound)
                 return o.to(r.dtype), final
             except tw.OutOfResources as err:
                 tw.note_out_of_resources(err, r, v)

@@ -298,12 +298,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _prep_kernel(
-    r, w, k, v, a, b, do, P, C, R, Oc, DC, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, do, P, C, R, Oc, DC, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     FORWARD: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program = one chunk of one head: store ``P`` and, for the forward, ``C``, ``R``, ``Oc``;
-    for the backward, ``DC = R^T do``. Statements are ordered so that tiles die early (registers)."""
+    for the backward, ``DC = R^T do``. The chunk's ``(I - A_ab)^-1`` goes through ``INV`` ([BT, BT]
+    fp32 per chunk, when not None): the forward stores it, the backward (and ``_bwd_dv_kernel``) read it
+    instead of forming it again. Statements are ordered so that tiles die early (registers)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     rows = tl.arange(0, BT)
@@ -317,7 +319,13 @@ def _prep_kernel(
     bn = b_c * e_neg
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
-    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+    inv_offs = cbase * (BT * BT) + rows[:, None] * BT + rows[None, :]
+    if FORWARD or INV is None:
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+        if INV is not None:
+            tl.store(INV + inv_offs, inv)
+    else:
+        inv = tl.load(INV + inv_offs)
     W = _dot(inv, ag, PREC)  # [BT, K]
     Pm = _dot(tl.trans(bt), W, PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
@@ -467,7 +475,7 @@ def _grad_accumulators(BT: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _bwd_grad_kernel(
-    r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
 ):
@@ -477,7 +485,7 @@ def _bwd_grad_kernel(
     The gradients are first taken with respect to the gated tiles (rg, kn, bn, ag, kt, bt) and the
     interaction matrices, then chained to r, k, a, b and to the cumulative decays; for a gated tile
     ``p = x e^{s g}``: ``dx = dp e^{s g}`` and ``dg = s (dp * p)``. ``dw`` is the reverse cumulative
-    sum of ``dg`` plus the chunk-end terms.
+    sum of ``dg`` plus the chunk-end terms. ``INV``: as in ``_bwd_dv_kernel``.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -502,7 +510,10 @@ def _bwd_grad_kernel(
     A_rk = _masked_dot_t(rg, kn, False, BT, PREC)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
     A_ak = _masked_dot_t(ag, kn, True, BT, PREC)
-    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
+    if INV is None:
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
+    else:
+        inv = tl.load(INV + (i_c.to(tl.int64) * H + i_h) * (BT * BT) + rows[:, None] * BT + rows[None, :])
 
     dA_rk, dA_rb, dA_ak, dA_ab, drg, dag, dkt, dbt, d_end = _grad_accumulators(BT, K)
 
@@ -593,12 +604,13 @@ def _bwd_grad_kernel(
 
 @triton.jit
 def _bwd_dv_kernel(
-    r, w, k, v, a, b, do, states, dstates, dv, U, DX, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, do, states, dstates, dv, U, DX, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
 ):
     """One program = V-columns ``[i_v*BV, ..)`` of one chunk of one head: store dv, and u and dx (fp32
-    scratch ``[n_chunks, H, BT, V]``, padded rows included) for ``_bwd_kgrad_kernel``.
+    scratch ``[n_chunks, H, BT, V]``, padded rows included) for ``_bwd_kgrad_kernel``. ``INV``: the chunks'
+    ``(I - A_ab)^-1`` stored by the forward's pre-pass, or None (formed here).
 
     The V-block index varies fastest along axis 0, so the programs of one chunk run side by side and
     share its r, w, k, a, b through L2. Statements are ordered so that tiles die early.
@@ -615,7 +627,11 @@ def _bwd_dv_kernel(
     e_neg = tl.exp(-g)
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
     bn = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K) * e_neg
-    inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
+    if INV is None:
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
+    else:
+        rows = tl.arange(0, BT)
+        inv = tl.load(INV + cbase * (BT * BT) + rows[:, None] * BT + rows[None, :])
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
     kn = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * e_neg
@@ -759,15 +775,17 @@ def _decode_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _pick_chunk_size(w: torch.Tensor, preferred: int) -> int:
+def _pick_chunk_size(w: torch.Tensor, preferred: int, lower_bound: float | None = None) -> int:
     """Largest allowed chunk <= ``preferred`` whose cumulative decay stays within ``MAX_LOG_SPAN``.
 
-    Reads ``w.min()`` (one device sync). Set ``RWKV7_WKV_TRUST_DECAY=1`` to skip the check when the
-    inputs are known to respect RWKV-7's floor (then ``preferred`` is used as is).
+    Judged from ``lower_bound`` when the caller guarantees ``w >= lower_bound`` (RWKV-7's layers do: their
+    ``w`` is ``-e^-0.5 * sigmoid(.)``), else from ``w.min()``, which is a device sync on every call (in a
+    train step, one per layer, each leaving the GPU idle while the host catches up). Set
+    ``RWKV7_WKV_TRUST_DECAY=1`` to skip the check altogether (then ``preferred`` is used as is).
     """
     if os.environ.get("RWKV7_WKV_TRUST_DECAY") == "1" or w.numel() == 0:
         return preferred
-    steepest = -float(w.detach().min())
+    steepest = -float(w.detach().min() if lower_bound is None else lower_bound)
     for bt in _CHUNK_SIZES:
         if bt <= preferred and steepest * bt <= MAX_LOG_SPAN:
             return bt
@@ -778,15 +796,28 @@ def _pick_chunk_size(w: torch.Tensor, preferred: int) -> int:
     )
 
 
-def _block_v(K: int, V: int) -> int:
-    """V-columns per program in the serial kernels: more programs for small batches, but >= 16 for tl.dot.
+def _block_v(K: int, V: int, n_states: int, device: torch.device) -> int:
+    """V-columns per program of the serial kernels (``n_states`` = sequences x heads programs per V-block).
 
-    The transition-form scan reads the same P for every V-block, so it prefers one block of all V
-    (H100, 8x4096x12x64: fwd+bwd 4.34 ms at 64 vs 4.49 ms at 16, benchmarks/results/tune_kernels.json);
-    the fused serial kernels do a whole chunk's algebra per step and want more, smaller programs.
+    The transition-form scan reads the same P for every V-block, so it prefers one block of all V as
+    long as that keeps most SMs busy (H100, 8x4096x12x64: fwd+bwd 4.34 ms at 64 vs 4.49 ms at 16,
+    benchmarks/results/tune_kernels.json); with few sequences x heads it splits V so that there are
+    about as many programs as SMs (H200, 1x16384x32x64, 32 states: fwd+bwd 6.13 ms at 64, 5.86 at 32,
+    5.68 at 16; 4x4096x32x64, 128 states: 4.22 at 64 and 32, 4.58 at 16; see
+    benchmarks/results/tune_kernels_inv_h200.log).
+    The fused serial kernels do a whole chunk's algebra per step and want more, smaller programs: 16.
+    ``RWKV7_WKV_BV`` overrides; tl.dot needs >= 16.
     """
-    default = 64 if _transition_form(K, V) else 16
-    return min(V, int(os.environ.get("RWKV7_WKV_BV", str(default))))
+    if os.environ.get("RWKV7_WKV_BV"):
+        return min(V, int(os.environ["RWKV7_WKV_BV"]))
+    if not _transition_form(K, V):
+        return min(V, 16)
+    bv = V
+    if device.type == "cuda":
+        busy = 0.7 * torch.cuda.get_device_properties(device).multi_processor_count
+        while bv > 16 and n_states * (V // bv) < busy:
+            bv //= 2
+    return bv
 
 
 #: Precisions of the intra-chunk products (``RWKV7_WKV_DOT_PREC``, for bf16/fp16 inputs; fp32 inputs always
@@ -818,7 +849,9 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     reference), those two groups moved the worst
     input gradient from 4.2e-3 to 4.5e-3, while each other group alone took it to 6.5e-3 - 1.2e-2. On an H200
     at (8, 4096, 12, 64): worst input gradient 4.0e-3 vs 3.9e-3 (the peer's: 4.4e-3), fwd+bwd 3.54 vs 3.74 ms
-    (benchmarks/results/tune_kernels_split_h200.json).
+    (benchmarks/results/tune_kernels_split_h200.json). Since then, for head sizes up to 64 (the transition
+    form) the gradient kernels read the inverse that the forward's pre-pass formed (TF32 products), so there
+    "mixed" rounds only the state outer products; larger heads still form it in bf16.
     """
     env = os.environ.get("RWKV7_WKV_GRAD_DOT_PREC")
     if env and env not in (*DOT_PRECISIONS, "mixed"):
@@ -911,6 +944,19 @@ def _grad_warps(variant: str, BT: int, K: int) -> int:
     return int(os.environ.get("RWKV7_WKV_GRAD_WARPS", "0")) or default
 
 
+def _dv_register_cap(BT: int, K: int, V: int, warps: int) -> dict:
+    """Launch option capping ``_bwd_dv_kernel``'s registers per thread (``RWKV7_WKV_DV_MAXNREG``, 0 = no cap).
+
+    At head size 64, BT 32, 4 warps it needs 252 registers without a cap: two programs per SM. At 168,
+    three fit (65536 registers per SM), for ~470 bytes of spills to L1: H200, (8, 4096, 12, 64), 0.57 ->
+    0.49 ms per backward, fwd+bwd 3.41 -> 3.33 ms; a cap of 128 (four programs, 670 bytes) was slower
+    than none (benchmarks/results/tune_kernels_inv_h200.log). Other shapes are not measured: no cap there.
+    """
+    env = os.environ.get("RWKV7_WKV_DV_MAXNREG")
+    cap = int(env) if env else (168 if max(K, V) <= 64 and BT == 32 and warps == 4 else 0)
+    return {"maxnreg": cap} if cap else {}
+
+
 def _stages(BT: int, K: int) -> int:
     """Software-pipelining depth of the chunk loops: each stage buffers a chunk's tiles in shared memory."""
     return 2 if BT * K <= 2048 else 1
@@ -952,13 +998,12 @@ def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Ten
 
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size, torch_fallback):
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size, torch_fallback, lower_bound):
         B, T, H, K = r.shape
         V = v.shape[-1]
         dtype = r.dtype
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-        BT = _pick_chunk_size(w, min(chunk_size, _max_chunk(K, V, dtype)))
-        BV = _block_v(K, V)
+        BT = _pick_chunk_size(w, min(chunk_size, _max_chunk(K, V, dtype)), lower_bound)
         varlen = cu_seqlens is not None
         if varlen:
             cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
@@ -968,6 +1013,7 @@ class _WKV7Function(torch.autograd.Function):
             n_seq, seq_T = B, T
             n_chunks = B * math.ceil(T / BT)
             chunk_offsets = chunk_indices = None
+        BV = _block_v(K, V, n_seq * H, r.device)
         # Which gradients autograd wants. The chunk-start states are kept only for the input gradients
         # (_bwd_grad_kernel): dh0 alone needs just the backward scan. That is the case of a state-tuned
         # layer whose inputs come from frozen weights only (layer 0, or the lowest tuned layer).
@@ -979,13 +1025,17 @@ class _WKV7Function(torch.autograd.Function):
         states = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device) if need_input_grads else None
         h0_flags = dict(HAS_H0=h0 is not None, H0_BCAST=h0 is not None and h0.shape[0] == 1 and n_seq > 1)
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
+        inv = None
         if _transition_form(K, V):
             f32 = dict(dtype=torch.float32, device=r.device)
             P, C = torch.empty(n_chunks, H, K, K, **f32), torch.empty(n_chunks, H, K, V, **f32)
             R, Oc = torch.empty(n_chunks, H, BT, K, **f32), torch.empty(n_chunks, H, BT, V, **f32)
+            # Each chunk's (I - A_ab)^-1, kept for the backward's pre-pass and dv kernel (BT^2 floats per
+            # chunk: 1/16 of the chunk states at BT = 32, K = 64), which then need not form it again.
+            inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, None, P, C, R, Oc, None, cu_seqlens, chunk_indices, seq_T, **common,
+                    r, w, k, v, a, b, None, P, C, R, Oc, None, inv, cu_seqlens, chunk_indices, seq_T, **common,
                     LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_parallel_warps(BT, K),
                 )
             _scan_fwd_kernel[(V // BV, n_seq * H)](
@@ -1000,7 +1050,7 @@ class _WKV7Function(torch.autograd.Function):
                 PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         if need_grad:
-            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices)
+            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv)
             ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
             # Kept for the PyTorch fallback of the backward only. Not in save_for_backward: the kernels
             # never read h0 (the chunk states hold it), so modifying it in place after the forward stays
@@ -1019,11 +1069,11 @@ class _WKV7Function(torch.autograd.Function):
             r, w, k, v, a, b, _, cu_seqlens = ctx.saved_tensors[:8]
             note_out_of_resources(err, r, v)
             grads = _torch_backward((r, w, k, v, a, b), ctx.h0, cu_seqlens, do, dht)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
     @staticmethod
     def _kernel_backward(ctx, do, dht):
-        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices = ctx.saved_tensors
+        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv = ctx.saved_tensors
         BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
         B, T, H, K = r.shape
         V = v.shape[-1]
@@ -1040,7 +1090,7 @@ class _WKV7Function(torch.autograd.Function):
             DC = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device)
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, do, P, None, None, None, DC, cu_seqlens, chunk_indices, seq_T, **common,
+                    r, w, k, v, a, b, do, P, None, None, None, DC, inv, cu_seqlens, chunk_indices, seq_T, **common,
                     LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_parallel_warps(BT, K),
                 )
             _scan_bwd_kernel[(V // BV, n_seq * H)](
@@ -1067,7 +1117,7 @@ class _WKV7Function(torch.autograd.Function):
         gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
-                r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, cu_seqlens, chunk_indices, seq_T,
+                r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, inv, cu_seqlens, chunk_indices, seq_T,
                 H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
                 num_warps=gwarps, num_stages=_stages(BT, K),
             )
@@ -1077,9 +1127,9 @@ class _WKV7Function(torch.autograd.Function):
             U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device)
             DX = torch.empty_like(U)
             _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
-                r, w, k, v, a, b, do, states, dstates, dv, U, DX, cu_seqlens, chunk_indices, seq_T,
+                r, w, k, v, a, b, do, states, dstates, dv, U, DX, inv, cu_seqlens, chunk_indices, seq_T,
                 H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                num_warps=gwarps,
+                num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
             )
             kbv, gbk = _split_grad_tiles(BT, K, V)
             _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
@@ -1166,6 +1216,7 @@ def wkv7_triton(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
     torch_fallback: bool = False,
+    lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked WKV-7 with autograd (gradients of r, w, k, v, a, b and ``initial_state``).
 
@@ -1173,8 +1224,9 @@ def wkv7_triton(
     the same dtype), ``initial_state`` ``[B, H, K, V]`` (or ``[1, H, K, V]``, broadcast over the batch,
     its gradient summed) fp32, ``cu_seqlens`` ``[N+1]`` for packed sequences (then ``B == 1`` and one
     initial state per sequence). Returns ``o`` in the input dtype and the fp32 final state (or None).
-    ``chunk_size`` (16, 32 or 64) overrides the default; it is shortened for steep decays.
-    ``torch_fallback`` (set by the dispatcher): if a backward kernel raises ``OutOfResources``, compute
+    ``chunk_size`` (16, 32 or 64) overrides the default; it is shortened for steep decays, judged from
+    ``lower_bound`` (a bound the caller guarantees, ``w >= lower_bound``) if given, else from ``w.min()``
+    (a device sync). ``torch_fallback`` (set by the dispatcher): if a backward kernel raises ``OutOfResources``, compute
     the gradients with the PyTorch path instead (:func:`note_out_of_resources` warns once). A forward
     kernel's ``OutOfResources`` always propagates; the dispatcher catches it.
     """
@@ -1182,7 +1234,8 @@ def wkv7_triton(
     # Each tensor keeps its own dtype (the kernels upcast on load): an fp32 log decay next to bf16
     # activations is not rounded to bf16. Gradients come back in each input's dtype.
     o, ht = _WKV7Function.apply(
-        r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK, torch_fallback
+        r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK, torch_fallback,
+        lower_bound,
     )
     return o, ht
 

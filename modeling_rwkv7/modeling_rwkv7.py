@@ -271,7 +271,10 @@ class Rwkv7TimeMix(nn.Module):
     def _wkv(self, r, log_w, k, v, a, b, kk, iclr, wkv_state, mask, output_final_state):
         """The WKV recurrence (+ the upscaled states' extension): kept out of compiled graphs, since it is
         our own Triton autograd Function and the extension reads the cache being filled."""
-        o, wkv_final = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=output_final_state)
+        # log_w = -DECAY_SCALE * sigmoid(.) is never below -DECAY_SCALE: saying so spares the kernel a device
+        # sync (w.min()) per layer.
+        o, wkv_final = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=output_final_state,
+                            lower_bound=-DECAY_SCALE)
         if self.wkv_extension is not None:
             extra = self.wkv_extension(self, r, log_w, kk, iclr, mask, output_final_state)
             if extra is not None:

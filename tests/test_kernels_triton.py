@@ -230,6 +230,18 @@ def test_steep_decay_shortens_chunk_or_raises():
         wkv7_triton(*xs)
 
 
+def test_lower_bound_picks_the_chunk_without_reading_w(monkeypatch):
+    """With ``lower_bound`` (the model passes RWKV-7's floor) the chunk size comes from the bound: no
+    ``w.min()``, which on a GPU is a device sync per layer; the results are those without it."""
+    xs = rwkv_inputs(1, 40, 2, 16, torch.float32, seed=6)
+    plain = wkv7(*xs, output_final_state=True, backend="triton")
+    monkeypatch.setattr(torch.Tensor, "min", lambda *a, **k: pytest.fail("w.min() was read"))
+    bounded = wkv7(*xs, output_final_state=True, backend="triton", lower_bound=-0.6065306597126334)
+    assert torch.equal(plain[0], bounded[0]) and torch.equal(plain[1], bounded[1])
+    with pytest.raises(ValueError, match="too steep"):
+        wkv7_triton(*xs, lower_bound=-7.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_matches_reference(dtype):
     B, T, H, N = 2, 5, 3, 32
