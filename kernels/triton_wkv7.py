@@ -865,6 +865,12 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     return prec, prec
 
 
+#: Software-pipelining depth of the transition-form scans' chunk loop: the loads of the next chunks' P, C, R, Oc
+#: (or P, R^T do) run ahead of the serial product. H200 (benchmarks/results/tune_kernels_inv_h200.log, call Q):
+#: fwd+bwd 3.35 -> 3.25 ms at (8, 4096, 12, 64) and 5.52 -> 5.05 ms at (1, 16384, 32, 64) going from 2 to 3;
+#: 1 stage and 8 warps were no better than 2.
+SCAN_STAGES = 3
+
 #: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
 #: upscaled states) use the fused serial kernels, whose registers hold no [K, K] matrix.
 FAST_MAX_K = int(os.environ.get("RWKV7_WKV_FAST_MAX_K", "64"))
@@ -1041,7 +1047,7 @@ class _WKV7Function(torch.autograd.Function):
             _scan_fwd_kernel[(V // BV, n_seq * H)](
                 P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
                 STORE_FINAL=output_final_state, STORE_STATES=need_input_grads, SCAN_PREC=_scan_precision(dtype),
-                num_warps=4, num_stages=2,
+                num_warps=4, num_stages=SCAN_STAGES,
             )
         else:
             _fwd_kernel[(V // BV, n_seq * H)](
@@ -1096,7 +1102,7 @@ class _WKV7Function(torch.autograd.Function):
             _scan_bwd_kernel[(V // BV, n_seq * H)](
                 P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
                 HAS_DHT=dht is not None, SCAN_PREC=_scan_precision(r.dtype), STORE_DSTATES=states is not None,
-                num_warps=4, num_stages=2,
+                num_warps=4, num_stages=SCAN_STAGES,
             )
             del P, DC
         else:

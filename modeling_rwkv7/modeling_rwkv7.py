@@ -501,11 +501,13 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
             if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}")
             capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host syncs then
-            if input_ids.numel() and not capturing and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"input_ids contain ids outside [0, {self.config.vocab_size}): min {int(input_ids.min())}, "
-                    f"max {int(input_ids.max())}. Check that the tokenizer matches the model."
-                )
+            if input_ids.numel() and not capturing:
+                low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
+                if low < 0 or high >= self.config.vocab_size:
+                    raise ValueError(
+                        f"input_ids contain ids outside [0, {self.config.vocab_size}): min {low}, max {high}. "
+                        "Check that the tokenizer matches the model."
+                    )
             inputs_embeds = self.emb(input_ids)
         B, T, _ = inputs_embeds.shape
         if B == 0:
