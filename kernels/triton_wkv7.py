@@ -868,7 +868,7 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
 #: Software-pipelining depth of the transition-form scans' chunk loop: the loads of the next chunks' P, C, R, Oc
 #: (or P, R^T do) run ahead of the serial product. H200 (benchmarks/results/tune_kernels_inv_h200.log, call Q):
 #: fwd+bwd 3.35 -> 3.25 ms at (8, 4096, 12, 64) and 5.52 -> 5.05 ms at (1, 16384, 32, 64) going from 2 to 3;
-#: 1 stage and 8 warps were no better than 2.
+#: 1 stage and 8 warps were no better than 2; 4 stages (call T) no better than 3 (5.29 vs 5.11 ms at 1x16384x32).
 SCAN_STAGES = 3
 
 #: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
@@ -954,9 +954,9 @@ def _dv_register_cap(BT: int, K: int, V: int, warps: int) -> dict:
     """Launch option capping ``_bwd_dv_kernel``'s registers per thread (``RWKV7_WKV_DV_MAXNREG``, 0 = no cap).
 
     At head size 64, BT 32, 4 warps it needs 252 registers without a cap: two programs per SM. At 168,
-    three fit (65536 registers per SM), for ~470 bytes of spills to L1: H200, (8, 4096, 12, 64), 0.57 ->
-    0.49 ms per backward, fwd+bwd 3.41 -> 3.33 ms; a cap of 128 (four programs, 670 bytes) was slower
-    than none (benchmarks/results/tune_kernels_inv_h200.log). Other shapes are not measured: no cap there.
+    three fit (65536 registers per SM), for ~230 bytes of spills per thread (ptxas, sm_90a). H200,
+    (8, 4096, 12, 64): 0.57 -> 0.49 ms per backward, fwd+bwd 3.41 -> 3.33 ms; caps of 128 (four programs)
+    and 200 were slower (benchmarks/results/tune_kernels_inv_h200.log). Other shapes: not measured, no cap.
     """
     env = os.environ.get("RWKV7_WKV_DV_MAXNREG")
     cap = int(env) if env else (168 if max(K, V) <= 64 and BT == 32 and warps == 4 else 0)
@@ -1037,7 +1037,7 @@ class _WKV7Function(torch.autograd.Function):
             P, C = torch.empty(n_chunks, H, K, K, **f32), torch.empty(n_chunks, H, K, V, **f32)
             R, Oc = torch.empty(n_chunks, H, BT, K, **f32), torch.empty(n_chunks, H, BT, V, **f32)
             # Each chunk's (I - A_ab)^-1, kept for the backward's pre-pass and dv kernel (BT^2 floats per
-            # chunk: 1/16 of the chunk states at BT = 32, K = 64), which then need not form it again.
+            # chunk: 1/4 of the chunk states at BT = 32, K = 64), which then need not form it again.
             inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
