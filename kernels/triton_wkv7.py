@@ -104,6 +104,14 @@ def _state_offsets(K: tl.constexpr, V: tl.constexpr, col0, BV: tl.constexpr):
 
 
 @triton.jit
+def _inverse_offsets(cbase, BT: tl.constexpr):
+    """Offsets of chunk ``cbase``'s (chunk-major, like the stored states) ``(I - A_ab)^-1`` in the
+    [n_chunks, H, BT, BT] buffer that the forward's pre-pass keeps for the backward."""
+    rows = tl.arange(0, BT)
+    return cbase * (BT * BT) + rows[:, None] * BT + rows[None, :]
+
+
+@triton.jit
 def _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
     """First token and one-past-last token of sequence ``i_n`` in the flattened token axis."""
     if IS_VARLEN:
@@ -319,13 +327,12 @@ def _prep_kernel(
     bn = b_c * e_neg
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
-    inv_offs = cbase * (BT * BT) + rows[:, None] * BT + rows[None, :]
     if FORWARD or INV is None:
         inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
         if INV is not None:
-            tl.store(INV + inv_offs, inv)
+            tl.store(INV + _inverse_offsets(cbase, BT), inv)
     else:
-        inv = tl.load(INV + inv_offs)
+        inv = tl.load(INV + _inverse_offsets(cbase, BT))
     W = _dot(inv, ag, PREC)  # [BT, K]
     Pm = _dot(tl.trans(bt), W, PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
@@ -513,7 +520,7 @@ def _bwd_grad_kernel(
     if INV is None:
         inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
     else:
-        inv = tl.load(INV + (i_c.to(tl.int64) * H + i_h) * (BT * BT) + rows[:, None] * BT + rows[None, :])
+        inv = tl.load(INV + _inverse_offsets(i_c.to(tl.int64) * H + i_h, BT))
 
     dA_rk, dA_rb, dA_ak, dA_ab, drg, dag, dkt, dbt, d_end = _grad_accumulators(BT, K)
 
@@ -630,8 +637,7 @@ def _bwd_dv_kernel(
     if INV is None:
         inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC_LO)
     else:
-        rows = tl.arange(0, BT)
-        inv = tl.load(INV + cbase * (BT * BT) + rows[:, None] * BT + rows[None, :])
+        inv = tl.load(INV + _inverse_offsets(cbase, BT))
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
     kn = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * e_neg
