@@ -492,6 +492,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         """
         cache = _take_cache(cache, kwargs)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        id_bounds = None  # the min and max of input_ids, when their check is read after the blocks
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -502,12 +503,16 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 raise TypeError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}")
             capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host syncs then
             if input_ids.numel() and not capturing:
-                low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
-                if low < 0 or high >= self.config.vocab_size:
-                    raise ValueError(
-                        f"input_ids contain ids outside [0, {self.config.vocab_size}): min {low}, max {high}. "
-                        "Check that the tokenizer matches the model."
-                    )
+                id_bounds = torch.stack(torch.aminmax(input_ids))
+                if use_cache or cache is not None:
+                    self._check_id_bounds(id_bounds)  # up front: nothing may reach a cache from bad ids
+                    id_bounds = None
+                else:
+                    # Read after the blocks are queued (below): a host sync here would leave the GPU idle
+                    # while the host runs the embedding, Dynamo's guards and the first layers' launches
+                    # (~1.9 ms of a 96 ms train step on an H200, benchmarks/train_step_gaps.py). Until then
+                    # the embedding reads clamped ids, so a bad id cannot trip a device-side assert first.
+                    input_ids = input_ids.clamp(0, self.config.vocab_size - 1)
             inputs_embeds = self.emb(input_ids)
         B, T, _ = inputs_embeds.shape
         if B == 0:
@@ -530,12 +535,23 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         with filling(cache if use_cache else None):
             x, all_hidden = self._run_blocks(inputs_embeds, start, mask, cache, use_cache, checkpointing, output_hidden_states)
+        if id_bounds is not None:
+            self._check_id_bounds(id_bounds)
         x = self.ln_out(x)
         if use_cache:
             cache.seen_tokens += T
         if not return_dict:
             return tuple(t for t in (x, cache if use_cache else None, all_hidden) if t is not None)
         return Rwkv7Output(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
+
+    def _check_id_bounds(self, id_bounds: torch.Tensor) -> None:
+        """Raise if ``[min, max]`` of the input ids leaves the vocabulary (one host sync)."""
+        low, high = id_bounds.tolist()
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids contain ids outside [0, {self.config.vocab_size}): min {low}, max {high}. "
+                "Check that the tokenizer matches the model."
+            )
 
     def _run_blocks(self, x, start, mask, cache, use_cache, checkpointing, output_hidden_states):
         B = x.shape[0]

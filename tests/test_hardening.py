@@ -197,6 +197,10 @@ BAD_INPUTS = [
      ValueError, [rf"outside \[0, {VOCAB}\): min 1, max {VOCAB}", r"tokenizer matches the model"]),
     ("token-id-negative", lambda env: forward(env, torch.tensor([[-1, 2]])),
      ValueError, [rf"outside \[0, {VOCAB}\): min -1", r"tokenizer matches the model"]),
+    # without a cache (training) the check is read after the blocks are queued: the same error, nothing returned
+    ("token-id-too-large-training", lambda env: forward(env, torch.tensor([[1, 2, VOCAB]]), use_cache=False,
+                                                        labels=torch.tensor([[1, 2, 3]])),
+     ValueError, [rf"outside \[0, {VOCAB}\): min 1, max {VOCAB}", r"tokenizer matches the model"]),
     ("token-ids-float", lambda env: forward(env, torch.tensor([[1.0, 2.0]])),
      TypeError, [r"input_ids must be integer token ids \(torch.long\); got dtype torch.float32"]),
     ("token-ids-1d", lambda env: forward(env, torch.tensor([1, 2])),
@@ -235,6 +239,16 @@ def test_bad_input_gives_a_clear_error(env, action, error, patterns, monkeypatch
             action(env)
     for pattern in patterns:
         assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+def test_bad_ids_leave_a_given_cache_untouched(env):
+    """With a cache the id check runs before any block: a bad id raises and the cache is not written."""
+    model = load(env["hf"])
+    cache = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True).cache
+    before = [t.clone() for t in cache.state.wkv]
+    with pytest.raises(ValueError, match="outside"):
+        model(input_ids=torch.tensor([[4, VOCAB]]), cache=cache, use_cache=True)
+    assert cache.seen_tokens == 3 and all(torch.equal(a, b) for a, b in zip(before, cache.state.wkv))
 
 
 def test_unknown_config_field_from_a_newer_version_warns_and_loads(env):
