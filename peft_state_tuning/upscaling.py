@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_rwkv7.cache_rwkv7 import current_cache
+from modeling_rwkv7.modeling_rwkv7 import DECAY_SCALE
 from rwkv7_kernels import wkv7
 
 KERNELS = ("gaussian", "linear")
@@ -144,7 +145,10 @@ class KernelMap(nn.Module):
             a_t, b_t = a_t.masked_fill(~keep, 0.0), b_t.masked_fill(~keep, 0.0)
             w_t = w_t.masked_fill(~keep, 0.0)
         zeros = torch.zeros_like(r_t)
-        o, final = wkv7(r_t, w_t, zeros, zeros, a_t, b_t, initial_state=S.float(), output_final_state=output_final_state)
+        # w_t averages the layer's log decays (rows of `mix` are convex weights), so RWKV-7's floor bounds it
+        # too: passing it spares the kernel a w.min() host sync per layer.
+        o, final = wkv7(r_t, w_t, zeros, zeros, a_t, b_t, initial_state=S.float(), output_final_state=output_final_state,
+                        lower_bound=-DECAY_SCALE)
         return self.project_back(o.float()), final
 
 
