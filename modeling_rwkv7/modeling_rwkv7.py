@@ -503,11 +503,11 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 raise TypeError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}")
             capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()  # no host syncs then
             if input_ids.numel() and not capturing:
-                id_bounds = torch.stack(torch.aminmax(input_ids))
+                bounds = torch.stack(torch.aminmax(input_ids))
                 if use_cache or cache is not None:
-                    self._check_id_bounds(id_bounds)  # up front: nothing may reach a cache from bad ids
-                    id_bounds = None
+                    self._check_id_bounds(bounds)  # up front: nothing may reach a cache from bad ids
                 else:
+                    id_bounds = bounds
                     # Read after the blocks are queued (below): a host sync here would leave the GPU idle
                     # while the host runs the embedding, Dynamo's guards and the first layers' launches
                     # (~1.9 ms of a 96 ms train step on an H200, benchmarks/train_step_gaps.py). Until then

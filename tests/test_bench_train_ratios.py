@@ -11,16 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_train():
+def _benchmark(name: str):
+    """benchmarks/{name}.py as a module (its sibling imports, e.g. ``common``, resolved)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_ratios_only_beside_the_peer():
-    add_ratios = _bench_train().add_ratios
+    add_ratios = _benchmark("bench_train").add_ratios
     # the peer here, twice (its fastest run counts); a run here; a run merged from an earlier invocation
     runs = {
         "fla_state_tuning": {"tokens_per_s": 200.0, "peak_gb": 20.0},
@@ -44,10 +45,7 @@ def test_ratios_only_beside_the_peer():
 def test_train_step_gaps_finds_idle_time_and_the_host_work_beside_it(tmp_path, capsys):
     """benchmarks/train_step_gaps.py's analysis on a hand-made trace: one 100 us gap between kernels, the
     host op that ran during it, and overlapping kernels (a stream beside another) counted as no gap."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("train_step_gaps", ROOT / "benchmarks" / "train_step_gaps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("train_step_gaps")
     events = [
         {"cat": "kernel", "name": "a", "ts": 0, "dur": 50},
         {"cat": "kernel", "name": "b", "ts": 40, "dur": 60},  # overlaps a: no gap
