@@ -6,7 +6,7 @@ in the same launch, into ``d(sum of losses)/d(logits)`` (softmax minus one-hot, 
 in place in the logits' own dtype, ready for the next matmul. With a 65536-token vocabulary these logits are
 the largest tensors of a training step and every pass over them is memory-bound: PyTorch's eager ops make
 about ten passes in fp32 (cast, log-sum-exp, gather, subtract, exp, scale, cast back); the kernel reads a
-row twice (the second time mostly from L2) and writes it once, accumulating in fp32.
+row twice and writes it once, accumulating in fp32.
 
 ``cross_entropy_sum_(logits, labels, write_grad)`` dispatches like ``wkv7``: Triton for CUDA tensors, PyTorch
 otherwise (``backend=`` or ``RWKV7_CE_BACKEND`` force one; ``TRITON_INTERPRET=1`` runs the kernel on CPU).

@@ -118,6 +118,31 @@ def _fit_batch(state: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return state.repeat_interleave(batch // state.shape[0], dim=0)
 
 
+class _IdBounds:
+    """``[min, max]`` of the input ids on their way to the host, read later without stalling the GPU.
+
+    On CUDA the two numbers are copied into pinned host memory right away (non-blocking) and an event
+    marks the copy; :meth:`read` waits for that event only, which the GPU passed long before the blocks
+    queued after it are done. A plain ``.tolist()`` at that point would wait for all of them, and the GPU
+    would then idle while the host queues the loss (~0.5 ms of a train step on an H200,
+    benchmarks/results/train_step_gaps_h200.log)."""
+
+    def __init__(self, bounds: torch.Tensor):
+        self.event = None
+        if bounds.is_cuda:
+            self.host = torch.empty(bounds.shape, dtype=bounds.dtype, pin_memory=True)
+            self.host.copy_(bounds, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = bounds
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class _ChunkedLMLoss(torch.autograd.Function):
     """Cross-entropy of ``hidden @ weight.T`` without materialising the ``[tokens, vocab]`` logits.
 
@@ -258,11 +283,15 @@ class Rwkv7TimeMix(nn.Module):
             k_w, v_w, a_, b_ = (t.masked_fill(~keep, 0.0) for t in (k_, v_, a_, b_))
         else:
             k_w, v_w = k_, v_
-        o, wkv_final = self._wkv(r_, log_w, k_w, v_w, a_, b_, kk, iclr_, wkv_state, mask, output_final_state)
+        # The bonus is formed before the WKV call, i.e. inside the same compiled graph as r, k, v (see
+        # compiled_blocks.py: the call is a graph break). Then r, k, v feed only the WKV kernel, and their
+        # gradients need no eager sum of two contributions in the backward. kk and iclr cross the break only
+        # for an extension: an unused graph output would get a zero-filled gradient in the backward.
+        bonus = ((r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_).view(B, T, C)
+        extra = (kk, iclr_) if self.wkv_extension is not None else (None, None)
+        o, wkv_final = self._wkv(r_, log_w, k_w, v_w, a_, b_, *extra, wkv_state, mask, output_final_state)
         o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
-        o = o.view(B, T, C).to(x.dtype)
-        bonus = (r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_
-        o = o + bonus.view(B, T, C)
+        o = o.view(B, T, C).to(x.dtype) + bonus
         out = self.output(o * g)
         shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
         return out, v_first, wkv_final, shift_final
@@ -507,7 +536,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
                 if use_cache or cache is not None:
                     self._check_id_bounds(bounds)  # up front: nothing may reach a cache from bad ids
                 else:
-                    id_bounds = bounds
+                    id_bounds = _IdBounds(bounds)
                     # Read after the blocks are queued (below): a host sync here would leave the GPU idle
                     # while the host runs the embedding, Dynamo's guards and the first layers' launches
                     # (~1.9 ms of a 96 ms train step on an H200, benchmarks/train_step_gaps.py). Until then
@@ -544,9 +573,10 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
             return tuple(t for t in (x, cache if use_cache else None, all_hidden) if t is not None)
         return Rwkv7Output(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
 
-    def _check_id_bounds(self, id_bounds: torch.Tensor) -> None:
-        """Raise if ``[min, max]`` of the input ids leaves the vocabulary (one host sync)."""
-        low, high = id_bounds.tolist()
+    def _check_id_bounds(self, id_bounds: torch.Tensor | _IdBounds) -> None:
+        """Raise if ``[min, max]`` of the input ids leaves the vocabulary (one host sync, or a wait for
+        an :class:`_IdBounds` copy)."""
+        low, high = id_bounds.read() if isinstance(id_bounds, _IdBounds) else id_bounds.tolist()
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids contain ids outside [0, {self.config.vocab_size}): min {low}, max {high}. "

@@ -126,6 +126,19 @@ def test_two_compiled_models_in_one_process(model):
     assert abs(losses[0] - losses[1]) / abs(losses[0]) < 1e-2
 
 
+def test_bad_id_in_a_cuda_training_step_raises_the_clear_error(model):
+    """Without a cache the id check is read after the blocks, from a pinned copy made up front (no stall):
+    a bad id still raises the clear ValueError, and no device-side assert poisons the CUDA context."""
+    model.cuda().train()
+    ids = torch.randint(0, 1000, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    bad = ids.clone()
+    bad[1, 7] = 1000
+    with pytest.raises(ValueError, match="outside"):
+        model(bad, labels=bad)
+    assert torch.isfinite(model(ids, labels=ids).loss)  # the context is still usable
+    model.eval().cpu()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_cross_entropy_on_gpu_matches_torch(dtype):
     """The fused LM-loss kernel at the real vocabulary (65536) and a chunk of 1000 rows, against F.cross_entropy
