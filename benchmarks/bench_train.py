@@ -38,7 +38,7 @@ PROFILE = False  # --profile
 RUN_ENV = {
     # other activation memory budgets of the compiled blocks (default 0.6, modeling_rwkv7/compiled_blocks.py)
     "ours_state_tuning_budget100": {"RWKV7_ACTIVATION_BUDGET": "1"},
-    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},  # the default before 2026-11-27
+    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},  # the default until the second 2026-11-26 session
     "ours_state_tuning_budget80": {"RWKV7_ACTIVATION_BUDGET": "0.8"},
     "ours_state_tuning_budget90": {"RWKV7_ACTIVATION_BUDGET": "0.9"},
     "ours_state_tuning_grad_bf16": {"RWKV7_WKV_GRAD_DOT_PREC": "bf16"},  # bf16 products in the WKV gradient
