@@ -1,0 +1,60 @@
+"""Every CUDA kernel of one state-tuning train step, with GPU milliseconds and launches per step.
+
+    python benchmarks/train_step_kernels.py [--top 80]
+
+The step is bench_train.py's ``ours_state_tuning`` (0.1B shape, random weights, B = 8, T = 4096, bf16, the CUDA
+defaults). ``bench_train.py --profile`` sums kernels by family; this lists them one by one, with how often each
+runs per step, which is what shows work that should not be there (e.g. eager gradient sums between compiled
+graphs, zero-filled gradients of unused graph outputs; see benchmarks/results/train_step_kernels_h200.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import random_model_0_1b
+from peft import get_peft_model
+from torch.profiler import ProfilerActivity, profile
+
+from peft_state_tuning import StateTuningConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--top", type=int, default=80, help="how many kernels to list")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    args = parser.parse_args()
+    model, _ = random_model_0_1b()
+    peft_model = get_peft_model(model, StateTuningConfig())
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+
+    def step():
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    steps = 2
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if total and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((total / 1e3 / steps, evt.count / steps, evt.key))
+    rows.sort(reverse=True)
+    print(f"total GPU ms per step {sum(r[0] for r in rows):.2f}, kernels per step {sum(r[1] for r in rows):.0f}")
+    for ms, count, name in rows[: args.top]:
+        print(f"{ms:8.3f} ms {count:6.0f}x {ms / max(count, 1) * 1e3:8.1f} us  {name[:150]}")
+
+
+if __name__ == "__main__":
+    main()
