@@ -41,7 +41,7 @@ from torch import nn
 # 13.5 GB, 0.9 -> 358 k at 14.6 GB (one run); before the bonus moved into the first graph, 1.0 (off) was ~2%
 # faster than 0.7 at 16.4 GB. The recomputed activations are mostly elementwise chains, which
 # the backward kernels re-derive from the inputs they read anyway. 0.6 keeps the peak well under the memory
-# target (0.6x the peer's 22.8 GB) for half a percent of speed.
+# target (0.6x the peer's 22.8 GB) for ~0.4% of speed.
 DEFAULT_ACTIVATION_BUDGET = 0.6
 
 # Variants that each need their own graph: first block or not, padding mask or not, final state or
