@@ -74,17 +74,27 @@ def restrict_fla_autotune():
     triton.autotune = autotune
 
 
-def cuda_kernel_ms(step, iters: int) -> dict[str, float]:
-    """Mean CUDA milliseconds per call of ``step`` of each kernel it launches (torch.profiler), largest first."""
+def cuda_kernel_rows(step, iters: int) -> list[tuple[float, float, str]]:
+    """``(ms per call of step, launches per call, kernel name)`` of every CUDA kernel ``step`` launches
+    (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    rows: dict[str, float] = {}
+    rows = []
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if t and evt.device_type == torch.autograd.DeviceType.CUDA:
-            rows[evt.key[:90]] = rows.get(evt.key[:90], 0.0) + t / 1e3 / iters
+            rows.append((t / 1e3 / iters, evt.count / iters, evt.key))
+    return sorted(rows, reverse=True)
+
+
+def cuda_kernel_ms(step, iters: int) -> dict[str, float]:
+    """Mean CUDA milliseconds per call of ``step`` of each kernel it launches (names cut at 90 characters),
+    largest first."""
+    rows: dict[str, float] = {}
+    for ms, _, name in cuda_kernel_rows(step, iters):
+        rows[name[:90]] = rows.get(name[:90], 0.0) + ms
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import random_model_0_1b
+from common import cuda_kernel_rows, random_model_0_1b
 from peft import get_peft_model
-from torch.profiler import ProfilerActivity, profile
 
 from peft_state_tuning import StateTuningConfig
 
@@ -40,17 +39,7 @@ def main() -> None:
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()
-    steps = 2
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    rows = []
-    for evt in prof.key_averages():
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if total and evt.device_type == torch.autograd.DeviceType.CUDA:
-            rows.append((total / 1e3 / steps, evt.count / steps, evt.key))
-    rows.sort(reverse=True)
+    rows = cuda_kernel_rows(step, iters=2)
     print(f"total GPU ms per step {sum(r[0] for r in rows):.2f}, kernels per step {sum(r[1] for r in rows):.0f}")
     for ms, count, name in rows[: args.top]:
         print(f"{ms:8.3f} ms {count:6.0f}x {ms / max(count, 1) * 1e3:8.1f} us  {name[:150]}")
