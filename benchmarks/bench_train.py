@@ -26,10 +26,10 @@ import torch
 
 import peft_state_tuning  # noqa: F401
 from common import (
-    RESULTS, cuda_kernel_ms, device_info, random_model_0_1b, restrict_fla_autotune, timed, write_results,
+    RESULTS, cuda_kernel_ms, device_info, random_model_0_1b, restrict_fla_autotune, state_tuning_step, timed,
+    write_results,
 )
 from peft import LoraConfig, get_peft_model
-from peft_state_tuning import StateTuningConfig
 
 
 PROFILE = False  # --profile
@@ -83,21 +83,7 @@ def kernel_breakdown(step, iters: int = 2) -> dict:
 
 def ours(batch, seq, checkpointing: bool, compile_blocks: bool | None = None) -> dict:
     """``compile_blocks`` None: the default (blocks compiled on CUDA, modeling_rwkv7/compiled_blocks.py)."""
-    model, _ = random_model_0_1b()
-    model.model.compile_blocks = compile_blocks
-    peft_model = get_peft_model(model, StateTuningConfig())
-    if checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, 65536, (batch, seq), device="cuda")
-
-    def step():
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model, step = state_tuning_step(batch, seq, checkpointing, compile_blocks)
     out = measure(step, batch * seq)
     if PROFILE:
         out["profile"] = kernel_breakdown(step)

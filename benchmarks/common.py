@@ -31,6 +31,31 @@ def random_model_0_1b(dtype=torch.bfloat16, device="cuda"):
     return model.to(device=device, dtype=dtype), sd
 
 
+def state_tuning_step(batch: int = 8, seq: int = 4096, checkpointing: bool = False, compile_blocks: bool | None = None):
+    """``(model, step)``: one AdamW state-tuning step of the random 0.1B model on fixed random ids (the step that
+    bench_train.py times and train_step_gaps.py / train_step_kernels.py dissect). ``compile_blocks`` None: the
+    default (blocks compiled on CUDA, modeling_rwkv7/compiled_blocks.py)."""
+    from peft import get_peft_model
+
+    from peft_state_tuning import StateTuningConfig
+
+    model, _ = random_model_0_1b()
+    model.model.compile_blocks = compile_blocks
+    peft_model = get_peft_model(model, StateTuningConfig())
+    if checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+
+    def step():
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 def timed(fn, warmup: int = 2, repeat: int = 5) -> float:
     """Median seconds of ``fn()`` (CUDA-synchronised)."""
     for _ in range(warmup):

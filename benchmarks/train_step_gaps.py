@@ -24,23 +24,11 @@ HOST_CATEGORIES = ("cpu_op", "python_function", "user_annotation")
 
 def capture(path: Path) -> None:
     import torch
-    from peft import get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
-    from common import random_model_0_1b
-    from peft_state_tuning import StateTuningConfig
+    from common import state_tuning_step
 
-    model, _ = random_model_0_1b()
-    peft_model = get_peft_model(model, StateTuningConfig())
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, 65536, (8, 4096), device="cuda")
-
-    def step():
-        peft_model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = state_tuning_step()
     for _ in range(3):  # compile, then settle
         step()
     torch.cuda.synchronize()

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import cuda_kernel_rows, random_model_0_1b
-from peft import get_peft_model
-
-from peft_state_tuning import StateTuningConfig
+from common import cuda_kernel_rows, state_tuning_step
 
 
 def main() -> None:
@@ -25,17 +22,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
     args = parser.parse_args()
-    model, _ = random_model_0_1b()
-    peft_model = get_peft_model(model, StateTuningConfig())
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-
-    def step():
-        peft_model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = state_tuning_step(args.batch, args.seq)
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()
