@@ -25,9 +25,10 @@ import torch
 
 from .chunked_torch import wkv7_chunked_torch
 from .cross_entropy import cross_entropy_sum_
-from .reference import wkv7_reference
+from .reference import log_decay_from_logits, wkv7_reference
 
-__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends", "cross_entropy_sum_"]
+__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked_torch", "available_backends", "cross_entropy_sum_",
+           "log_decay_from_logits"]
 
 BACKENDS = ("triton", "torch", "reference")
 # Up to this many tokens without autograd (generation), the Triton path runs the plain recurrence:
@@ -99,6 +100,7 @@ def wkv7(
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
     lower_bound: float | None = None,
+    w_logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The WKV-7 recurrence, forward and backward.
 
@@ -116,6 +118,12 @@ def wkv7(
             ``-e^-0.5``). The Triton path then picks its chunk size from it
             instead of reading ``w.min()``, a device sync per call (like flash-linear-attention's
             ``lower_bound``). Values below the bound are the caller's error: they are not checked.
+        w_logit_bias: ``H * K`` values (fp32; e.g. RWKV-7's ``w0``). When given, ``w`` holds RWKV-7's decay
+            logits less this bias, and the log decay is ``-e^-0.5 sigmoid(w_logit_bias + w)``
+            (:func:`log_decay_from_logits`), formed in fp32 inside the Triton kernels: ``w`` can stay bf16
+            without rounding the decay, a model need not keep an fp32 ``[B, T, C]`` log decay for the
+            backward, and autograd returns the gradients of the logits and of the bias. Other paths form
+            the log decay first. Padding: a logit of ``-inf`` gives the log decay 0 (decay 1).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the dtype of ``r``; ``final_state`` is
@@ -123,6 +131,9 @@ def wkv7(
         flash-linear-attention's ``chunk_rwkv7(..., scale=1.0)``.
     """
     _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
+    if w_logit_bias is not None and w_logit_bias.numel() != r.shape[2] * r.shape[3]:
+        raise ValueError(f"wkv7: `w_logit_bias` must hold H * K = {r.shape[2] * r.shape[3]} values; got "
+                         f"shape {tuple(w_logit_bias.shape)}")
     backend = backend or os.environ.get("RWKV7_WKV_BACKEND") or ("triton" if r.is_cuda else "torch")
     if backend == "triton":
         if _triton_wkv7() is None:
@@ -135,11 +146,12 @@ def wkv7(
         if not tw.known_out_of_resources(r, v):
             decode = r.shape[1] <= DECODE_MAX_T and cu_seqlens is None
             try:
-                if decode and not _needs_grad(r, w, k, v, a, b, initial_state):
-                    return _decode(r, w, k, v, a, b, initial_state, output_final_state)
+                if decode and not _needs_grad(r, w, k, v, a, b, initial_state, w_logit_bias):
+                    log_w = w if w_logit_bias is None else log_decay_from_logits(w, w_logit_bias)
+                    return _decode(r, log_w, k, v, a, b, initial_state, output_final_state)
                 o, final = tw.wkv7_triton(r, w, k, v, a, b, initial_state=initial_state,
                                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                          torch_fallback=True, lower_bound=lower_bound)
+                                          torch_fallback=True, lower_bound=lower_bound, w_logit_bias=w_logit_bias)
                 return o.to(r.dtype), final
             except tw.OutOfResources as err:
                 tw.note_out_of_resources(err, r, v)
@@ -150,5 +162,7 @@ def wkv7(
         fn = wkv7_reference
     else:
         raise ValueError(f"wkv7: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if w_logit_bias is not None:
+        w = log_decay_from_logits(w, w_logit_bias)
     o, final = fn(r, w, k, v, a, b, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return o.to(r.dtype), final

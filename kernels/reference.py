@@ -16,6 +16,17 @@ from __future__ import annotations
 
 import torch
 
+#: RWKV-7's floor on the log decay: ``w = -e^{-0.5} * sigmoid(d)``.
+RWKV7_DECAY_FLOOR = -0.6065306597126334
+
+
+def log_decay_from_logits(w: torch.Tensor, w_logit_bias: torch.Tensor) -> torch.Tensor:
+    """RWKV-7's log decay ``-e^-0.5 sigmoid(w_logit_bias + w)`` in fp32 from decay logits ``w`` ``[B, T, H, K]``
+    less their per-channel bias (``H * K`` values); differentiable. The Triton kernels form the same thing
+    themselves when :func:`rwkv7_kernels.wkv7` is given ``w_logit_bias``."""
+    H, K = w.shape[-2:]
+    return RWKV7_DECAY_FLOOR * torch.sigmoid(w_logit_bias.float().reshape(H, K) + w.float())
+
 
 def wkv7_reference(
     r: torch.Tensor,

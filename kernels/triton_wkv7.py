@@ -59,10 +59,10 @@ import triton
 import triton.language as tl
 from triton.runtime import OutOfResources
 
+from .reference import RWKV7_DECAY_FLOOR, log_decay_from_logits
+
 __all__ = ["wkv7_triton", "wkv7_decode_triton", "MAX_LOG_SPAN", "RWKV7_DECAY_FLOOR", "OutOfResources"]
 
-#: RWKV-7's floor on the log decay: ``w = -e^{-0.5} * sigmoid(d)``.
-RWKV7_DECAY_FLOOR = -0.6065306597126334
 #: Largest natural-log span a chunk's cumulative decay may reach (fp32 overflows near 88.7; we keep
 #: a wide margin so that products of a large and a small factor keep their precision).
 MAX_LOG_SPAN = 60.0
@@ -215,6 +215,32 @@ def _chunk_gates(w):
 
 
 @triton.jit
+def _load_log_decay(w, w_bias, tok0, n_valid, i_h, H: tl.constexpr, K: tl.constexpr, col0, BT: tl.constexpr,
+                    BK: tl.constexpr, W_LOGIT: tl.constexpr):
+    """[BT, BK] fp32 log decays. ``W_LOGIT``: ``w`` holds RWKV-7's decay logits less their per-channel bias
+    ``w_bias`` ([H * K] fp32), and the log decay ``-e^-0.5 sigmoid(w_bias + w)`` is formed here, in fp32.
+    Rows past the sequence end read 0 (decay 1) either way."""
+    x = _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
+    if W_LOGIT:
+        z = x + tl.load(w_bias + i_h * K + col0 + tl.arange(0, BK))[None, :]
+        x = tl.where((tl.arange(0, BT) < n_valid)[:, None], -0.6065306597126334 * tl.sigmoid(z), 0.0)
+    return x
+
+
+@triton.jit
+def _store_decay_grad(dw, w, w_bias, dlogw, tok0, n_valid, i_h, H: tl.constexpr, K: tl.constexpr, col0,
+                      BT: tl.constexpr, BK: tl.constexpr, W_LOGIT: tl.constexpr):
+    """Store the gradient of ``w`` from that of the log decay ``dlogw``: as is, or (``W_LOGIT``) chained
+    through the sigmoid, ``d/dz -e^-0.5 sigmoid(z) = -e^-0.5 sigmoid(z) sigmoid(-z)`` (both factors formed
+    directly: no cancellation where the sigmoid is close to 1)."""
+    if W_LOGIT:
+        z = _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
+        z += tl.load(w_bias + i_h * K + col0 + tl.arange(0, BK))[None, :]
+        dlogw = dlogw * (-0.6065306597126334 * tl.sigmoid(z) * tl.sigmoid(-z))
+    _store_tile(dw, dlogw, tok0, n_valid, i_h, H, K, col0, BT, BK)
+
+
+@triton.jit
 def _masked_dot_t(x, y, STRICT: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
     """``x y^T`` restricted to j <= i (or j < i when STRICT): one intra-chunk interaction matrix."""
     rows = tl.arange(0, BT)
@@ -232,10 +258,10 @@ def _masked_dot_t(x, y, STRICT: tl.constexpr, BT: tl.constexpr, PREC: tl.constex
 
 @triton.jit
 def _fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, states, cu_seqlens, chunk_offsets, T,
+    r, w, k, v, a, b, w_bias, o, h0, ht, states, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr,
-    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """One program = V-columns ``[i_v*BV, (i_v+1)*BV)`` of the state of one (sequence, head); serial over chunks."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -252,7 +278,7 @@ def _fwd_kernel(
         if STORE_STATES:  # the backward restarts each chunk from here
             tl.store(states + ((first_chunk + c) * H + i_h) * (K * V) + soffs, h)
         r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
-        w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+        w_c = _load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT)
         k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
         a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
         b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
@@ -306,9 +332,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _prep_kernel(
-    r, w, k, v, a, b, do, P, C, R, Oc, DC, INV, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, w_bias, do, P, C, R, Oc, DC, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    FORWARD: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    FORWARD: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """One program = one chunk of one head: store ``P`` and, for the forward, ``C``, ``R``, ``Oc``;
     for the backward, ``DC = R^T do``. The chunk's ``(I - A_ab)^-1`` goes through ``INV`` ([BT, BT]
@@ -320,7 +346,7 @@ def _prep_kernel(
     kk = tl.arange(0, K)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
 
-    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, 0, BT, K))
+    g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
     tail = tl.exp(g_last[None, :] - g)
     b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
@@ -420,10 +446,10 @@ def _scan_bwd_kernel(
 
 @triton.jit
 def _bwd_state_kernel(
-    r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
+    r, w, a, b, w_bias, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-    STORE_DSTATES: tl.constexpr,
+    STORE_DSTATES: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """Serial, last chunk first: store dL/d(state at the end of each chunk) (for the input gradients,
     ``STORE_DSTATES``); finally write dh0.
@@ -448,7 +474,7 @@ def _bwd_state_kernel(
         if STORE_DSTATES:
             tl.store(dstates + ((first_chunk + c) * H + i_h) * (K * V) + soffs, dh)
         r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
-        w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+        w_c = _load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT)
         a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
         b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
         do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
@@ -482,9 +508,9 @@ def _grad_accumulators(BT: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _bwd_grad_kernel(
-    r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, INV, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, w_bias, do, states, dstates, dr, dw, dk, dv, da, db, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
+    LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, W_LOGIT: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
 ):
     """One program = one chunk of one head. Recompute the chunk from its stored start state, then form
     every input gradient from ``do`` and the stored gradient of its end state.
@@ -501,7 +527,7 @@ def _bwd_grad_kernel(
     strict = rows[:, None] > rows[None, :]
 
     r_c = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K)
-    w_c = _load_tile(w, t0, nv, i_h, H, K, 0, BT, K)
+    w_c = _load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT)
     k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
     a_c = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K)
     b_c = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K)
@@ -573,7 +599,7 @@ def _bwd_grad_kernel(
     dg_last = tl.sum(tail_terms, axis=0) + d_end * tl.exp(g_last)
     both = dg + dgp
     rev_cumsum = tl.sum(both, axis=0)[None, :] - tl.cumsum(both, axis=0) + both
-    _store_tile(dw, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, 0, BT, K)
+    _store_decay_grad(dw, w, w_bias, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, 0, BT, K, W_LOGIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,9 +637,10 @@ def _bwd_grad_kernel(
 
 @triton.jit
 def _bwd_dv_kernel(
-    r, w, k, v, a, b, do, states, dstates, dv, U, DX, INV, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, w_bias, do, states, dstates, dv, U, DX, INV, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     LOG2_BT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
+    W_LOGIT: tl.constexpr,
 ):
     """One program = V-columns ``[i_v*BV, ..)`` of one chunk of one head: store dv, and u and dx (fp32
     scratch ``[n_chunks, H, BT, V]``, padded rows included) for ``_bwd_kgrad_kernel``. ``INV``: the chunks'
@@ -630,7 +657,7 @@ def _bwd_dv_kernel(
     soffs = _state_offsets(K, V, col0, BV)
     xoffs = cbase * (BT * V) + tl.arange(0, BT)[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
 
-    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, 0, BT, K))
+    g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
     bn = _load_tile(b, t0, nv, i_h, H, K, 0, BT, K) * e_neg
@@ -666,9 +693,9 @@ def _bwd_dv_kernel(
 
 @triton.jit
 def _bwd_kgrad_kernel(
-    r, w, k, v, a, b, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """One program = K-columns ``[i_k*BK, ..)`` of one chunk of one head: dr, dk, da, db, dw from u
     and dx (``_bwd_dv_kernel``).
@@ -714,7 +741,7 @@ def _bwd_kgrad_kernel(
     dA_ak = tl.where(rows[:, None] > rows[None, :], dA_ak, 0.0)
     dA_ab = tl.where(rows[:, None] > rows[None, :], dA_ab, 0.0)
 
-    g, gp, g_last = _chunk_gates(_load_tile(w, t0, nv, i_h, H, K, kcol0, BT, BK))
+    g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, kcol0, BT, BK, W_LOGIT))
     e_neg = tl.exp(-g)
     kn = _load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
     bn = _load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
@@ -741,7 +768,7 @@ def _bwd_kgrad_kernel(
     dg_last = tl.sum(tail_terms, axis=0) + d_end * tl.exp(g_last)
     both = dg + dgp
     rev_cumsum = tl.sum(both, axis=0)[None, :] - tl.cumsum(both, axis=0) + both
-    _store_tile(dw, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, kcol0, BT, BK)
+    _store_decay_grad(dw, w, w_bias, rev_cumsum - dgp + dg_last[None, :], t0, nv, i_h, H, K, kcol0, BT, BK, W_LOGIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1010,11 +1037,17 @@ def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Ten
 
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size, torch_fallback, lower_bound):
+    def forward(ctx, r, w, k, v, a, b, h0, cu_seqlens, output_final_state, chunk_size, torch_fallback, lower_bound,
+                w_logit_bias):
         B, T, H, K = r.shape
         V = v.shape[-1]
         dtype = r.dtype
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        # Decay logits (see wkv7_triton): the kernels form the log decay, which never goes below the floor.
+        w_bias = None if w_logit_bias is None else w_logit_bias.detach().reshape(-1).float().contiguous()
+        decay = dict(w_bias=w_bias, W_LOGIT=w_bias is not None)
+        if w_bias is not None:
+            lower_bound = RWKV7_DECAY_FLOOR
         BT = _pick_chunk_size(w, min(chunk_size, _max_chunk(K, V, dtype)), lower_bound)
         varlen = cu_seqlens is not None
         if varlen:
@@ -1047,8 +1080,8 @@ class _WKV7Function(torch.autograd.Function):
             inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, None, P, C, R, Oc, None, inv, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, do=None, P=P, C=C, R=R, Oc=Oc, DC=None, INV=inv, cu_seqlens=cu_seqlens,
+                    chunk_indices=chunk_indices, T=seq_T, **common, **decay, LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_parallel_warps(BT, K),
                 )
             _scan_fwd_kernel[(V // BV, n_seq * H)](
                 P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
@@ -1057,12 +1090,13 @@ class _WKV7Function(torch.autograd.Function):
             )
         else:
             _fwd_kernel[(V // BV, n_seq * H)](
-                r, w, k, v, a, b, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
+                r, w, k, v, a, b, w_bias, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
                 LOG2_BT=int(math.log2(BT)), **h0_flags, STORE_FINAL=output_final_state, STORE_STATES=need_input_grads,
-                PREC=_dot_precision(dtype), num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+                PREC=_dot_precision(dtype), W_LOGIT=w_bias is not None, num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         if need_grad:
-            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv)
+            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv, w_bias)
+            ctx.w_bias_shape = None if w_logit_bias is None else (w_logit_bias.shape, w_logit_bias.dtype)
             ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
             # Kept for the PyTorch fallback of the backward only. Not in save_for_backward: the kernels
             # never read h0 (the chunk states hold it), so modifying it in place after the forward stays
@@ -1080,12 +1114,18 @@ class _WKV7Function(torch.autograd.Function):
                 raise
             r, w, k, v, a, b, _, cu_seqlens = ctx.saved_tensors[:8]
             note_out_of_resources(err, r, v)
-            grads = _torch_backward((r, w, k, v, a, b), ctx.h0, cu_seqlens, do, dht)
-        return (*grads, None, None, None, None, None)
+            grads = _torch_backward((r, w, k, v, a, b), ctx.h0, cu_seqlens, do, dht, ctx.saved_tensors[-1])
+        # The bias of decay logits: the sum of the logits' gradient over tokens (from its rounding to w's dtype).
+        dw, dbias = grads[1], None
+        if ctx.needs_input_grad[12] and dw is not None:
+            shape, dtype = ctx.w_bias_shape
+            dbias = dw.float().sum((0, 1)).reshape(shape).to(dtype)
+        return (*grads, None, None, None, None, None, dbias)
 
     @staticmethod
     def _kernel_backward(ctx, do, dht):
-        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv = ctx.saved_tensors
+        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv, w_bias = ctx.saved_tensors
+        decay = dict(w_bias=w_bias, W_LOGIT=w_bias is not None)
         BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
         B, T, H, K = r.shape
         V = v.shape[-1]
@@ -1102,8 +1142,8 @@ class _WKV7Function(torch.autograd.Function):
             DC = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device)
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, do, P, None, None, None, DC, inv, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, do=do, P=P, C=None, R=None, Oc=None, DC=DC, INV=inv, cu_seqlens=cu_seqlens,
+                    chunk_indices=chunk_indices, T=seq_T, **common, **decay, LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_parallel_warps(BT, K),
                 )
             _scan_bwd_kernel[(V // BV, n_seq * H)](
                 P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
@@ -1113,9 +1153,9 @@ class _WKV7Function(torch.autograd.Function):
             del P, DC
         else:
             _bwd_state_kernel[(V // BV, n_seq * H)](
-                r, w, a, b, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
+                r, w, a, b, w_bias, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
                 LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec, STORE_DSTATES=states is not None,
-                num_warps=_warps(BT, K), num_stages=_stages(BT, K),
+                W_LOGIT=w_bias is not None, num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         dh0_out = None
         if has_h0:
@@ -1129,9 +1169,9 @@ class _WKV7Function(torch.autograd.Function):
         gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
-                r, w, k, v, a, b, do, states, dstates, dr, dw, dk, dv, da, db, inv, cu_seqlens, chunk_indices, seq_T,
+                r, w, k, v, a, b, w_bias, do, states, dstates, dr, dw, dk, dv, da, db, inv, cu_seqlens, chunk_indices, seq_T,
                 H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                num_warps=gwarps, num_stages=_stages(BT, K),
+                W_LOGIT=w_bias is not None, num_warps=gwarps, num_stages=_stages(BT, K),
             )
         elif n_chunks:
             # u and dx of every chunk (fp32, padded rows included), written by the dv kernel and read
@@ -1139,15 +1179,15 @@ class _WKV7Function(torch.autograd.Function):
             U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device)
             DX = torch.empty_like(U)
             _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
-                r, w, k, v, a, b, do, states, dstates, dv, U, DX, inv, cu_seqlens, chunk_indices, seq_T,
+                r, w, k, v, a, b, w_bias, do, states, dstates, dv, U, DX, inv, cu_seqlens, chunk_indices, seq_T,
                 H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
+                W_LOGIT=w_bias is not None, num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
             )
             kbv, gbk = _split_grad_tiles(BT, K, V)
             _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
-                r, w, k, v, a, b, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,
+                r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,
                 seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                num_warps=gwarps, num_stages=_stages(BT, K),
+                W_LOGIT=w_bias is not None, num_warps=gwarps, num_stages=_stages(BT, K),
             )
             del U, DX
         return dr, dw, dk, dv, da, db, dh0_out
@@ -1190,14 +1230,15 @@ def note_out_of_resources(err: Exception, r: torch.Tensor, v: torch.Tensor) -> N
     )
 
 
-def _torch_backward(xs, h0, cu_seqlens, do, dht):
+def _torch_backward(xs, h0, cu_seqlens, do, dht, w_bias=None):
     """Gradients of r, w, k, v, a, b and h0 by autograd through the chunked PyTorch path (recomputes
-    the forward; used when a backward kernel does not fit the GPU)."""
+    the forward; used when a backward kernel does not fit the GPU). ``w_bias``: ``w`` holds decay logits."""
     from .chunked_torch import wkv7_chunked_torch
 
     with torch.enable_grad():
         ins = [x.detach().requires_grad_() for x in xs] + ([] if h0 is None else [h0.detach().requires_grad_()])
-        o, ht = wkv7_chunked_torch(*ins[:6], initial_state=None if h0 is None else ins[6],
+        log_w = ins[1] if w_bias is None else log_decay_from_logits(ins[1], w_bias)
+        o, ht = wkv7_chunked_torch(ins[0], log_w, *ins[2:6], initial_state=None if h0 is None else ins[6],
                                    output_final_state=dht is not None, cu_seqlens=cu_seqlens)
         outs, grad_outs = [o], [do.to(o.dtype)]
         if dht is not None:
@@ -1229,6 +1270,7 @@ def wkv7_triton(
     chunk_size: int | None = None,
     torch_fallback: bool = False,
     lower_bound: float | None = None,
+    w_logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked WKV-7 with autograd (gradients of r, w, k, v, a, b and ``initial_state``).
 
@@ -1240,14 +1282,15 @@ def wkv7_triton(
     ``lower_bound`` (a bound the caller guarantees, ``w >= lower_bound``) if given, else from ``w.min()``
     (a device sync). ``torch_fallback`` (set by the dispatcher): if a backward kernel raises ``OutOfResources``, compute
     the gradients with the PyTorch path instead (:func:`note_out_of_resources` warns once). A forward
-    kernel's ``OutOfResources`` always propagates; the dispatcher catches it.
+    kernel's ``OutOfResources`` always propagates; the dispatcher catches it. ``w_logit_bias``: ``w`` holds
+    decay logits, as in :func:`rwkv7_kernels.wkv7` (the kernels form the log decay in fp32).
     """
     _check(r, v, initial_state)
     # Each tensor keeps its own dtype (the kernels upcast on load): an fp32 log decay next to bf16
     # activations is not rounded to bf16. Gradients come back in each input's dtype.
     o, ht = _WKV7Function.apply(
         r, w, k, v, a, b, initial_state, cu_seqlens, output_final_state, chunk_size or DEFAULT_CHUNK, torch_fallback,
-        lower_bound,
+        lower_bound, w_logit_bias,
     )
     return o, ht
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from rwkv7_kernels import cross_entropy_sum_, wkv7
+from rwkv7_kernels import cross_entropy_sum_, log_decay_from_logits, wkv7
 
 from .cache_rwkv7 import Rwkv7Cache, Rwkv7State, filling
 from .configuration_rwkv7 import Rwkv7Config
@@ -251,6 +251,16 @@ class Rwkv7TimeMix(nn.Module):
         mask: torch.Tensor | None,
         output_final_state: bool,
     ):
+        """Returns ``(out, v_first, wkv_final, shift_final)``. The three steps are separate methods because
+        ``Rwkv7Block.forward`` calls them itself (see there)."""
+        wkv_inputs, post, v_first, shift_final = self.mix(x, v_first, shift_state, mask, output_final_state)
+        o, wkv_final = self._wkv(*wkv_inputs, wkv_state, mask, output_final_state)
+        return self.finish(o, *post), v_first, wkv_final, shift_final
+
+    def mix(self, x, v_first, shift_state, mask, output_final_state: bool):
+        """Everything before the WKV recurrence: token shift, lerps, projections, LoRAs, the bonus.
+        Returns ``(wkv_inputs, post, v_first, shift_final)``: the arguments of :meth:`_wkv` (before the states)
+        and of :meth:`finish` (after ``o``)."""
         B, T, C = x.shape
         H, N = self.num_heads, self.head_dim
         xx = token_shift(x, shift_state, mask) - x
@@ -258,9 +268,10 @@ class Rwkv7TimeMix(nn.Module):
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
         r = self.receptance(xr)
-        # The decay is computed in fp32: in bf16, decays just below 1 would round to exactly 1.
-        d = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()
-        log_w = -DECAY_SCALE * torch.sigmoid(d)
+        # The decay logits less their bias w0. The log decay -e^-0.5 sigmoid(w0 + d) must be formed in fp32 (in
+        # bf16, decays just below 1 would round to exactly 1): the WKV call does that from d and w0 (inside the
+        # Triton kernels), so no fp32 [B, T, C] log decay is written, read four times and kept for the backward.
+        d = torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
         if self.is_first:
@@ -273,13 +284,12 @@ class Rwkv7TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (iclr - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        r_, k_, v_, iclr_ = heads(r), heads(k), heads(v), heads(iclr)
-        log_w = heads(log_w)
+        r_, k_, v_, iclr_, d_ = heads(r), heads(k), heads(v), heads(iclr), heads(d)
         a_, b_ = -kk, kk * iclr_
         if mask is not None:
-            # Padding must not touch the state: decay 1 (log 0) and no write (k = v = a = b = 0).
+            # Padding must not touch the state: decay 1 (logit -inf, log decay 0) and no write (k = v = a = b = 0).
             keep = mask[:, :, None, None]
-            log_w = log_w.masked_fill(~keep, 0.0)
+            d_ = d_.masked_fill(~keep, float("-inf"))
             k_w, v_w, a_, b_ = (t.masked_fill(~keep, 0.0) for t in (k_, v_, a_, b_))
         else:
             k_w, v_w = k_, v_
@@ -289,22 +299,26 @@ class Rwkv7TimeMix(nn.Module):
         # for an extension: an unused graph output would get a zero-filled gradient in the backward.
         bonus = ((r_ * k_ * self.r_k).sum(dim=-1, keepdim=True) * v_).view(B, T, C)
         extra = (kk, iclr_) if self.wkv_extension is not None else (None, None)
-        o, wkv_final = self._wkv(r_, log_w, k_w, v_w, a_, b_, *extra, wkv_state, mask, output_final_state)
-        o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
-        o = o.view(B, T, C).to(x.dtype) + bonus
-        out = self.output(o * g)
         shift_final = last_real_token(x, shift_state, mask) if output_final_state else None
-        return out, v_first, wkv_final, shift_final
+        return (r_, d_, k_w, v_w, a_, b_, *extra), (bonus, g), v_first, shift_final
+
+    def finish(self, o: torch.Tensor, bonus: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """After the WKV recurrence: GroupNorm per head, the bonus, the gate, the output projection."""
+        B, T, H, N = o.shape
+        C = H * N
+        o = F.group_norm(o.reshape(B * T, C).float(), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
+        o = o.view(B, T, C).to(bonus.dtype) + bonus
+        return self.output(o * g)
 
     @torch.compiler.disable
-    def _wkv(self, r, log_w, k, v, a, b, kk, iclr, wkv_state, mask, output_final_state):
+    def _wkv(self, r, d, k, v, a, b, kk, iclr, wkv_state, mask, output_final_state):
         """The WKV recurrence (+ the upscaled states' extension): kept out of compiled graphs, since it is
-        our own Triton autograd Function and the extension reads the cache being filled."""
-        # log_w = -DECAY_SCALE * sigmoid(.) is never below -DECAY_SCALE: saying so spares the kernel a device
-        # sync (w.min()) per layer.
-        o, wkv_final = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=output_final_state,
-                            lower_bound=-DECAY_SCALE)
+        our own Triton autograd Function and the extension reads the cache being filled. ``d``: the decay
+        logits less ``w0`` (see :meth:`mix`)."""
+        o, wkv_final = wkv7(r, d, k, v, a, b, initial_state=wkv_state, output_final_state=output_final_state,
+                            w_logit_bias=self.w0)
         if self.wkv_extension is not None:
+            log_w = log_decay_from_logits(d, self.w0)
             extra = self.wkv_extension(self, r, log_w, kk, iclr, mask, output_final_state)
             if extra is not None:
                 o = o + extra.to(o.dtype)
@@ -356,10 +370,14 @@ class Rwkv7Block(nn.Module):
         ``Rwkv7Model.recompute_ffn``."""
         if self.is_first:
             x = self.ln0(x)
-        att_out, v_first, wkv_final, att_final = self.att(
-            self.ln1(x), v_first, wkv_state, att_shift, mask, output_final_state
-        )
-        x = x + att_out
+        # The time mix's three steps are called here rather than through ``self.att(...)``: the WKV call is the
+        # graph break of a compiled block (compiled_blocks.py), and a break inside a nested module call makes
+        # Dynamo cut the block into four graphs (before ``att``, the time mix before and after the WKV call, the
+        # rest) instead of two, with tensors materialised and saved for the backward at every cut.
+        att = self.att
+        wkv_inputs, post, v_first, att_final = att.mix(self.ln1(x), v_first, att_shift, mask, output_final_state)
+        o, wkv_final = att._wkv(*wkv_inputs, wkv_state, mask, output_final_state)
+        x = x + att.finish(o, *post)
         ffn_out, ffn_final = self.ffn(self.ln2(x), ffn_shift, mask, output_final_state, recompute_ffn)
         x = x + ffn_out
         return x, v_first, wkv_final, att_final, ffn_final

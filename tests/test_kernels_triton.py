@@ -198,6 +198,49 @@ def test_only_initial_state_gradient(form, monkeypatch):
     assert launched == []  # no input-gradient kernel ran
 
 
+@pytest.mark.parametrize("form", ["transition", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decay_logits_match_the_log_decay(form, dtype, monkeypatch):
+    """``w_logit_bias``: the kernels form the log decay from logits themselves. Output, final state and every
+    gradient (the logits' and the bias' included) equal those of the reference given that log decay; a
+    logit of -inf (padding) is decay 1 with a zero gradient; the chunk is picked without reading ``w``."""
+    import rwkv7_kernels.triton_wkv7 as tw
+    from rwkv7_kernels import log_decay_from_logits
+
+    if form == "fused":
+        monkeypatch.setattr(tw, "_transition_form", lambda K, V: False)
+    B, T, H, N = 2, 45, 2, 32
+    gen = torch.Generator().manual_seed(6)
+    r, _, k, v, a, b = rwkv_inputs(B, T, H, N, dtype, seed=7)
+    z = (torch.randn(B, T, H, N, generator=gen) * 2).to(DEVICE, dtype)
+    z[1, -5:] = float("-inf")  # right padding of row 1 (as the model pads: no write either)
+    for x in (k, v, a, b):
+        x[1, -5:] = 0
+    bias = torch.randn(H * N, generator=gen).to(DEVICE)
+    h0 = torch.randn(B, H, N, N, generator=gen).to(DEVICE)
+    xs = [r, z, k, v, a, b]
+    ins = [x.clone().requires_grad_() for x in xs] + [bias.clone().requires_grad_(), h0.clone().requires_grad_()]
+    chunk = 32 if form == "transition" else 16  # the split gradient kernels, then the fused one
+    o, ht = wkv7_triton(*ins[:6], initial_state=ins[7], output_final_state=True, chunk_size=chunk, w_logit_bias=ins[6])
+    ref_ins = [x.detach().float().clone().requires_grad_() for x in ins]
+    log_w = log_decay_from_logits(ref_ins[1], ref_ins[6])
+    o_ref, ht_ref = wkv7_reference(ref_ins[0], log_w, *ref_ins[2:6], initial_state=ref_ins[7], output_final_state=True)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE)
+    dht = torch.randn(ht.shape, generator=gen).to(DEVICE)
+    torch.autograd.backward([o.float(), ht], [do, dht])
+    torch.autograd.backward([o_ref, ht_ref], [do, dht])
+    errs = {"o": rel(o, o_ref), "ht": rel(ht, ht_ref)}
+    for name, x, y in zip(["dr", "dz", "dk", "dv", "da", "db", "dbias", "dh0"], ins, ref_ins):
+        assert x.grad.dtype == x.dtype and torch.isfinite(x.grad).all(), name
+        errs[name] = rel(x.grad, torch.nan_to_num(y.grad))
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+    assert (ins[1].grad[1, -5:] == 0).all()
+    # The state after the padded tail is the state after the last real token.
+    _, ht_short = wkv7_reference(*(t.detach().float()[1:, :-5] for t in (r, log_w, k, v, a, b)),
+                                 initial_state=h0[1:], output_final_state=True)
+    assert rel(ht[1:], ht_short) < TOL[dtype]
+
+
 class _Recorder:
     """Stands in for a Triton kernel (``kernel[grid](...)``): records the launch, then runs it."""
 
