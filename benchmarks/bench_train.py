@@ -36,11 +36,11 @@ PROFILE = False  # --profile
 
 # Variants of the default state-tuning step: the environment of their own process (see modeling_rwkv7).
 RUN_ENV = {
-    # other activation memory budgets of the compiled blocks (default 0.6, modeling_rwkv7/compiled_blocks.py)
+    # other activation memory budgets of the compiled blocks (default 0.9, modeling_rwkv7/compiled_blocks.py)
     "ours_state_tuning_budget100": {"RWKV7_ACTIVATION_BUDGET": "1"},
-    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},  # the default until the second 2026-11-26 session
+    "ours_state_tuning_budget60": {"RWKV7_ACTIVATION_BUDGET": "0.6"},  # the default until the fourth 2026-11-26 session
+    "ours_state_tuning_budget70": {"RWKV7_ACTIVATION_BUDGET": "0.7"},
     "ours_state_tuning_budget80": {"RWKV7_ACTIVATION_BUDGET": "0.8"},
-    "ours_state_tuning_budget90": {"RWKV7_ACTIVATION_BUDGET": "0.9"},
     "ours_state_tuning_grad_bf16": {"RWKV7_WKV_GRAD_DOT_PREC": "bf16"},  # bf16 products in the WKV gradient
     "ours_state_tuning_grad_tf32": {"RWKV7_WKV_GRAD_DOT_PREC": "tf32"},  # no bf16 products (the default: mixed)
     "ours_state_tuning_grad_fused": {"RWKV7_WKV_GRAD_VARIANT": "fused"},  # the previous gradient kernel

@@ -176,6 +176,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 grad_hidden[s : s + chunk] = logits @ weight_as_logits
             if grad_weight is not None:
                 grad_weight += (logits.t() @ h.to(logits.dtype)).float()
+            # Freed before the next chunk's logits exist: else two [chunk, vocab] buffers are alive at once, and
+            # at the end of a forward that is the step's memory peak (0.54 GB more at B = 8, T = 4096, 0.1B).
+            del logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
