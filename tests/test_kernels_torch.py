@@ -50,3 +50,21 @@ def test_default_cpu_dispatch_is_torch():
     xs = rwkv_inputs(1, 20, 1, 16, torch.float32, seed=5)
     o, _ = wkv7(*xs)
     assert rel(o, wkv7_reference(*xs)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_decay_logits_through_the_dispatcher(backend):
+    """``wkv7(..., w_logit_bias=...)`` on the PyTorch paths forms the log decay first: same results as passing
+    it, gradients reach the logits and the bias; a bias of the wrong size is a clear error."""
+    from rwkv7_kernels import log_decay_from_logits
+
+    r, _, k, v, a, b = rwkv_inputs(2, 40, 2, 16, torch.float32, seed=5)
+    z = torch.randn(2, 40, 2, 16, requires_grad=True)
+    bias = torch.randn(1, 1, 32, requires_grad=True)  # the model's w0 shape
+    o, ht = wkv7(r, z, k, v, a, b, output_final_state=True, backend=backend, w_logit_bias=bias)
+    o_ref, ht_ref = wkv7(r, log_decay_from_logits(z, bias), k, v, a, b, output_final_state=True, backend=backend)
+    assert rel(o, o_ref) < 1e-6 and rel(ht, ht_ref) < 1e-6
+    o.sum().backward()
+    assert z.grad is not None and bias.grad is not None and bias.grad.shape == bias.shape
+    with pytest.raises(ValueError, match="w_logit_bias"):
+        wkv7(r, z, k, v, a, b, backend=backend, w_logit_bias=torch.zeros(31))
