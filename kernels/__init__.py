@@ -131,9 +131,9 @@ def wkv7(
         flash-linear-attention's ``chunk_rwkv7(..., scale=1.0)``.
     """
     _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens)
-    if w_logit_bias is not None and w_logit_bias.numel() != r.shape[2] * r.shape[3]:
-        raise ValueError(f"wkv7: `w_logit_bias` must hold H * K = {r.shape[2] * r.shape[3]} values; got "
-                         f"shape {tuple(w_logit_bias.shape)}")
+    if w_logit_bias is not None and (w_logit_bias.numel() != r.shape[2] * r.shape[3] or w_logit_bias.device != w.device):
+        raise ValueError(f"wkv7: `w_logit_bias` must hold H * K = {r.shape[2] * r.shape[3]} values on {w.device}; "
+                         f"got shape {tuple(w_logit_bias.shape)} on {w_logit_bias.device}")
     backend = backend or os.environ.get("RWKV7_WKV_BACKEND") or ("triton" if r.is_cuda else "torch")
     if backend == "triton":
         if _triton_wkv7() is None:
