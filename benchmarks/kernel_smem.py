@@ -95,25 +95,23 @@ def _compile_spec(name: str, args: tuple, meta: dict):
     """(kernel name, signature, constexprs, options) of one recorded launch, hashable for de-duplication."""
     from rwkv7_kernels import triton_wkv7
 
-    arg_names = getattr(triton_wkv7, name).arg_names
+    fn = getattr(triton_wkv7, name)
     meta = dict(meta)
     options = (("num_warps", meta.pop("num_warps", 4)), ("num_stages", meta.pop("num_stages", 3)))
     if "maxnreg" in meta:  # a launch option (register cap), not a kernel argument
         options += (("maxnreg", meta.pop("maxnreg")),)
+    bound = {**dict(zip(fn.arg_names, args)), **meta}  # arguments given by position or by name
     signature, constexprs = [], []
-    for arg_name, value in zip(arg_names, args):
-        if isinstance(value, torch.Tensor):
-            signature.append((arg_name, _PTR[value.dtype]))
-        elif value is None:  # Triton specialises None arguments as constexprs
-            signature.append((arg_name, "constexpr"))
-            constexprs.append((arg_name, None))
+    for param in fn.params:
+        value = bound[param.name]
+        if param.is_constexpr or value is None:  # Triton specialises None arguments as constexprs
+            signature.append((param.name, "constexpr"))
+            constexprs.append((param.name, value))
+        elif isinstance(value, torch.Tensor):
+            signature.append((param.name, _PTR[value.dtype]))
         else:
-            signature.append((arg_name, "i32"))
-    for arg_name, value in meta.items():
-        signature.append((arg_name, "constexpr"))
-        constexprs.append((arg_name, value))
-    order = {n: i for i, n in enumerate(arg_names)}
-    return name, tuple(sorted(signature, key=lambda s: order[s[0]])), tuple(constexprs), options
+            signature.append((param.name, "i32"))
+    return name, tuple(signature), tuple(constexprs), options
 
 
 @triton.jit
