@@ -254,8 +254,8 @@ class Rwkv7TimeMix(nn.Module):
         mask: torch.Tensor | None,
         output_final_state: bool,
     ):
-        """Returns ``(out, v_first, wkv_final, shift_final)``. The three steps are separate methods because
-        ``Rwkv7Block.forward`` calls them itself (see there)."""
+        """Returns ``(out, v_first, wkv_final, shift_final)``: :meth:`mix`, the WKV recurrence, :meth:`finish`
+        (which ``Rwkv7Block.forward`` also calls one by one, see there)."""
         wkv_inputs, post, v_first, shift_final = self.mix(x, v_first, shift_state, mask, output_final_state)
         o, wkv_final = self._wkv(*wkv_inputs, wkv_state, mask, output_final_state)
         return self.finish(o, *post), v_first, wkv_final, shift_final
@@ -376,11 +376,16 @@ class Rwkv7Block(nn.Module):
         # The time mix's three steps are called here rather than through ``self.att(...)``: the WKV call is the
         # graph break of a compiled block (compiled_blocks.py), and a break inside a nested module call makes
         # Dynamo cut the block into four graphs (before ``att``, the time mix before and after the WKV call, the
-        # rest) instead of two, with tensors materialised and saved for the backward at every cut.
+        # rest) instead of two. (Measured: the same speed either way, benchmarks/results/bench_train.log, call Y2.)
+        # Hooks on the time mix itself still see a module call.
         att = self.att
-        wkv_inputs, post, v_first, att_final = att.mix(self.ln1(x), v_first, att_shift, mask, output_final_state)
-        o, wkv_final = att._wkv(*wkv_inputs, wkv_state, mask, output_final_state)
-        x = x + att.finish(o, *post)
+        if att._forward_hooks or att._forward_pre_hooks:
+            att_out, v_first, wkv_final, att_final = att(self.ln1(x), v_first, wkv_state, att_shift, mask, output_final_state)
+        else:
+            wkv_inputs, post, v_first, att_final = att.mix(self.ln1(x), v_first, att_shift, mask, output_final_state)
+            o, wkv_final = att._wkv(*wkv_inputs, wkv_state, mask, output_final_state)
+            att_out = att.finish(o, *post)
+        x = x + att_out
         ffn_out, ffn_final = self.ffn(self.ln2(x), ffn_shift, mask, output_final_state, recompute_ffn)
         x = x + ffn_out
         return x, v_first, wkv_final, att_final, ffn_final

@@ -299,3 +299,20 @@ def test_chunked_loss_without_grad_mode_computes_no_gradients():
     assert evaluated.grad_fn is None
     trained = _ChunkedLMLoss.apply(hidden, weight, labels, 4, torch.is_grad_enabled())
     torch.testing.assert_close(evaluated, trained.detach())
+
+
+def test_hooks_on_the_time_mix_still_run(converted):
+    """A block calls its time mix's steps itself (fewer compiled graphs); with a forward hook on ``att`` it makes
+    the module call instead, so the hook runs, and the logits are the same either way."""
+    _, _, model, _ = converted
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        seen = []
+        handle = model.model.blocks[1].att.register_forward_hook(lambda mod, args, out: seen.append(out[0].shape))
+        try:
+            hooked = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+    assert seen == [torch.Size([2, 9, model.config.hidden_size])]
+    assert torch.equal(plain, hooked)
