@@ -1045,7 +1045,6 @@ class _WKV7Function(torch.autograd.Function):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         # Decay logits (see wkv7_triton): the kernels form the log decay, which never goes below the floor.
         w_bias = None if w_logit_bias is None else w_logit_bias.detach().reshape(-1).float().contiguous()
-        decay = dict(w_bias=w_bias, W_LOGIT=w_bias is not None)
         if w_bias is not None:
             lower_bound = RWKV7_DECAY_FLOOR
         BT = _pick_chunk_size(w, min(chunk_size, _max_chunk(K, V, dtype)), lower_bound)
@@ -1080,8 +1079,9 @@ class _WKV7Function(torch.autograd.Function):
             inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, do=None, P=P, C=C, R=R, Oc=Oc, DC=None, INV=inv, cu_seqlens=cu_seqlens,
-                    chunk_indices=chunk_indices, T=seq_T, **common, **decay, LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, w_bias, None, P, C, R, Oc, None, inv, cu_seqlens, chunk_indices, seq_T, **common,
+                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), W_LOGIT=w_bias is not None,
+                    num_warps=_parallel_warps(BT, K),
                 )
             _scan_fwd_kernel[(V // BV, n_seq * H)](
                 P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
@@ -1125,7 +1125,6 @@ class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def _kernel_backward(ctx, do, dht):
         r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv, w_bias = ctx.saved_tensors
-        decay = dict(w_bias=w_bias, W_LOGIT=w_bias is not None)
         BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
         B, T, H, K = r.shape
         V = v.shape[-1]
@@ -1142,8 +1141,9 @@ class _WKV7Function(torch.autograd.Function):
             DC = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device)
             if n_chunks:
                 _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, do=do, P=P, C=None, R=None, Oc=None, DC=DC, INV=inv, cu_seqlens=cu_seqlens,
-                    chunk_indices=chunk_indices, T=seq_T, **common, **decay, LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, w_bias, do, P, None, None, None, DC, inv, cu_seqlens, chunk_indices, seq_T, **common,
+                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, W_LOGIT=w_bias is not None,
+                    num_warps=_parallel_warps(BT, K),
                 )
             _scan_bwd_kernel[(V // BV, n_seq * H)](
                 P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,

@@ -41,7 +41,8 @@ from torch import nn
 # peak, 0.8 -> 323 k at 12.9 GB, 0.9 -> 324 k at 13.4 GB, 1.0 (off) -> 335 k at 15.9 GB. What 1.0 adds is the feed-
 # forward layer's [B, T, 4C] activation (0.2 GB per layer): below it, the partitioner recomputes that layer's first
 # matmul in the backward. 0.9 is the largest setting under the memory target (0.6x the peer's 22.8 GB); the peak of
-# these runs was the loss's logits at the end of the forward (two chunks' buffers alive at once, since fixed).
+# these runs was the loss's logits at the end of the forward (two chunks' buffers alive at once; since fixed, 0.9
+# keeps 12.9 GB and 1.0 15.4 GB, call Y4).
 DEFAULT_ACTIVATION_BUDGET = 0.9
 
 # Variants that each need their own graph: first block or not, padding mask or not, final state or
