@@ -64,7 +64,7 @@ def grouped_kernel():
     src = src.replace("def _bwd_grad_kernel(", "def _bwd_grad_kernel_grouped(")
     path = Path(tempfile.mkdtemp()) / "grouped_kernel.py"  # triton.jit needs the source in a real file
     path.write_text("import triton\nimport triton.language as tl\nfrom rwkv7_kernels.triton_wkv7 import *\n"
-                    "from rwkv7_kernels.triton_wkv7 import _chunk_gates, _chunk_program, _dot, _load_log_decay, _load_tile, "
+                    "from rwkv7_kernels.triton_wkv7 import _chunk_gates, _chunk_program, _dot, _load_decay_logit, _load_log_decay, _load_tile, "
                     "_masked_dot_t, _state_offsets, _store_decay_grad, _store_tile, _unit_lower_inverse\n\n\n" + src)
     sys.path.insert(0, str(path.parent))
     import grouped_kernel

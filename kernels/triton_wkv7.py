@@ -215,16 +215,23 @@ def _chunk_gates(w):
 
 
 @triton.jit
+def _load_decay_logit(w, w_bias, tok0, n_valid, i_h, H: tl.constexpr, K: tl.constexpr, col0, BT: tl.constexpr,
+                      BK: tl.constexpr):
+    """[BT, BK] fp32 decay logits ``w_bias + w`` (``w_bias``: [H * K] fp32)."""
+    x = _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
+    return x + tl.load(w_bias + i_h * K + col0 + tl.arange(0, BK))[None, :]
+
+
+@triton.jit
 def _load_log_decay(w, w_bias, tok0, n_valid, i_h, H: tl.constexpr, K: tl.constexpr, col0, BT: tl.constexpr,
                     BK: tl.constexpr, W_LOGIT: tl.constexpr):
     """[BT, BK] fp32 log decays. ``W_LOGIT``: ``w`` holds RWKV-7's decay logits less their per-channel bias
     ``w_bias`` ([H * K] fp32), and the log decay ``-e^-0.5 sigmoid(w_bias + w)`` is formed here, in fp32.
     Rows past the sequence end read 0 (decay 1) either way."""
-    x = _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
     if W_LOGIT:
-        z = x + tl.load(w_bias + i_h * K + col0 + tl.arange(0, BK))[None, :]
-        x = tl.where((tl.arange(0, BT) < n_valid)[:, None], -0.6065306597126334 * tl.sigmoid(z), 0.0)
-    return x
+        z = _load_decay_logit(w, w_bias, tok0, n_valid, i_h, H, K, col0, BT, BK)
+        return tl.where((tl.arange(0, BT) < n_valid)[:, None], -0.6065306597126334 * tl.sigmoid(z), 0.0)
+    return _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
 
 
 @triton.jit
@@ -234,8 +241,7 @@ def _store_decay_grad(dw, w, w_bias, dlogw, tok0, n_valid, i_h, H: tl.constexpr,
     through the sigmoid, ``d/dz -e^-0.5 sigmoid(z) = -e^-0.5 sigmoid(z) sigmoid(-z)`` (both factors formed
     directly: no cancellation where the sigmoid is close to 1)."""
     if W_LOGIT:
-        z = _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
-        z += tl.load(w_bias + i_h * K + col0 + tl.arange(0, BK))[None, :]
+        z = _load_decay_logit(w, w_bias, tok0, n_valid, i_h, H, K, col0, BT, BK)
         dlogw = dlogw * (-0.6065306597126334 * tl.sigmoid(z) * tl.sigmoid(-z))
     _store_tile(dw, dlogw, tok0, n_valid, i_h, H, K, col0, BT, BK)
 
