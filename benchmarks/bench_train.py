@@ -67,7 +67,7 @@ def kernel_breakdown(step, iters: int = 2) -> dict:
         low = name.lower()
         if any(s in low for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")):
             return "matmul (cuBLAS)"
-        if any(s in name for s in ("_prep_kernel", "_scan_", "_bwd_", "_fwd_kernel", "chunk_rwkv7", "chunk_dplr",
+        if any(s in name for s in ("_chain_", "_bwd_", "_fwd_kernel", "chunk_rwkv7", "chunk_dplr",
                                    "chunk_fwd", "chunk_bwd", "wy_", "fused_recurrent", "prepare_wy")):
             return "WKV kernels"
         if low.startswith("triton_"):

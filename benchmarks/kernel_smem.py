@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-KERNELS = ("_prep_kernel", "_scan_fwd_kernel", "_scan_bwd_kernel", "_fwd_kernel", "_bwd_state_kernel",
+KERNELS = ("_chain_fwd_kernel", "_chain_bwd_kernel", "_fwd_kernel", "_bwd_state_kernel",
            "_bwd_grad_kernel", "_bwd_dv_kernel", "_bwd_kgrad_kernel", "_decode_kernel")  # fmt: skip
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32"}

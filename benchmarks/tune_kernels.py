@@ -83,14 +83,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8x4096x12x64")
     ap.add_argument("--chunks", default="32,64")
-    ap.add_argument("--bvs", default="64", help="V-block of the scans (RWKV7_WKV_BV)")
+    ap.add_argument("--bvs", default="64", help="V-block of the serial kernels, head sizes over 64 (RWKV7_WKV_BV)")
     ap.add_argument("--scan-precs", default="tf32", help="precision of the scans' products (RWKV7_WKV_SCAN_PREC)")
     ap.add_argument("--dot-precs", default="tf32",
                     help="precision of the intra-chunk products (RWKV7_WKV_DOT_PREC): tf32, bf16, tf32x3, ieee")
     ap.add_argument("--grad-dot-precs", default="same",
                     help="precision of the gradient kernels' products only (RWKV7_WKV_GRAD_DOT_PREC: tf32, mixed, bf16, ...); "
                          "same: the variable unset (the kernels' default: mixed at TF32 products)")
-    ap.add_argument("--par-warps", default="4", help="warps of the per-chunk pre-pass (RWKV7_WKV_PAR_WARPS)")
+    ap.add_argument("--par-warps", default="4", help="warps of the chained kernels (RWKV7_WKV_PAR_WARPS)")
     ap.add_argument("--grad-variants", default="fused,split", help="gradient kernel(s) (RWKV7_WKV_GRAD_VARIANT)")
     ap.add_argument("--grad-bvs", default="16,32,64",
                     help="V-block of the fused kernel's loop / of a split dv program (RWKV7_WKV_GRAD_BV)")

@@ -22,10 +22,12 @@ is why the serial kernels split V into blocks of ``BV`` columns, one program eac
 
 Kernels:
 
-* ``_fwd_kernel`` (serial over chunks, one program per (V-block, sequence, head)): ``o``, the final
-  state, and (when a backward will follow) the state at the start of every chunk, in fp32.
-* ``_bwd_state_kernel`` (serial, reverse order): the gradient of the state at the end of every chunk,
-  and ``dh0``. It needs only ``r, w, a, b, do``.
+* ``_chain_fwd_kernel`` / ``_chain_bwd_kernel`` (head size <= 64, all released models; one program per
+  (chunk, head), the state handed from chunk to chunk: see "Chained kernels" below): ``o``, the final
+  state and the state at the start of every chunk (fp32); backward: the gradient of every chunk's end
+  state, and ``dh0``.
+* ``_fwd_kernel`` / ``_bwd_state_kernel`` (larger heads, the upscaled states: serial over chunks, one
+  program per (V-block, sequence, head)): the same, with the whole chunk algebra inside the serial loop.
 * ``_bwd_grad_kernel`` (parallel: one program per (chunk, head)): with the chunk's start state and
   end-state gradient known, recomputes the chunk and forms every input gradient. It holds all of V,
   so the gradients of the K-side inputs (sums over V) need no cross-program reduction.
@@ -317,7 +319,7 @@ def _fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Transition form (head size <= FAST_MAX_K): a parallel pre-pass, then a one-product serial scan
+# Transition form (head size <= FAST_MAX_K): chained kernels, one program per chunk and head
 # ----------------------------------------------------------------------------------------------
 #
 # Everything a chunk does to the state is affine in its start state h (see the module docstring):
@@ -327,31 +329,39 @@ def _fwd_kernel(
 #     C  = kt^T v + bt^T U0
 #     R  = rg + A_rb W     Oc = A_rk v + A_rb U0          # o = Oc + R h
 #
-# P, C, R, Oc depend only on the chunk's inputs, so one program per (chunk, head) forms them all at
-# once (``_prep_kernel``: every chunk of every head in parallel). What is left for the serial loop
-# over chunks is ``h <- P h + C`` and ``o = Oc + R h``: one [K, K] x [K, BV] product on the critical
-# path instead of the ~15 dependent products of ``_fwd_kernel``. The backward is the same scan
-# transposed: ``dh_start = P^T dh_end + R^T do``, with ``R^T do`` formed in the parallel pre-pass.
-# The price is memory traffic (P and C are [K, K] and [K, V] fp32 per chunk), which is why this form
-# is used up to K = 64 (all released RWKV-7 models) and the fused serial kernels above beyond.
+# P, C, R, Oc depend only on the chunk's inputs, so every chunk of every head forms them at once, in
+# parallel. What is serial is ``h <- P h + C``: one [K, K] x [K, V] product per chunk instead of the ~15
+# dependent products of ``_fwd_kernel``. The backward is the same recurrence transposed:
+# ``dh_start = P^T dh_end + R^T do``.
+#
+# Chained kernels. One program per (chunk, head) does the parallel part, then waits for its chunk's
+# start state from the program of the chunk before (a ready flag per chunk and head, acquire/release),
+# forms ``h_end = P h + C``, hands it on through memory (the chunk-state buffer the backward needs
+# anyway), and only then ``o = Oc + R h``. P, C, R, Oc stay in registers: nothing per chunk but the
+# state goes through memory, and the serial part overlaps the parallel work of later chunks. (Before:
+# a pre-pass kernel stored P, C, R, Oc, 52 KB per chunk and head in fp32, and a scan kernel read them
+# back; H100, (8, 4096, 12, 64): forward 1.21 -> 0.90 ms, fwd+bwd 3.52 -> 2.93 ms in the same process,
+# benchmarks/results/ab_kernels_h100.log.)
+#
+# Why it cannot deadlock: a program waits only for the chunk before it in its sequence, and programs
+# take their chunk from a ticket counter (``sync[0]``) in the order they start, with every sequence's
+# chunk c dealt before any chunk c + 1 (:func:`_chain_chunk`). So the chunk awaited was dealt to a
+# program that is already running, and it waits, in turn, only for an earlier one. The hardware's
+# launch order of program ids is not relied on. Under TRITON_INTERPRET=1 programs run one after the
+# other in ticket order, so every wait is already satisfied. The ready flags are fresh zeros per launch.
+#
+# The chain's latency is ~2.8 us per chunk on an H100 (the flag's round trip, the state's load and
+# store), so with few sequences x heads and many chunks the serial part, not the parallel work, sets
+# the time: (1, 16384, 32): 512 chunks, 1.4 ms per direction.
 
 
 @triton.jit
-def _prep_kernel(
-    r, w, k, v, a, b, w_bias, do, P, C, R, Oc, DC, INV, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    FORWARD: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, W_LOGIT: tl.constexpr,
-):
-    """One program = one chunk of one head: store ``P`` and, for the forward, ``C``, ``R``, ``Oc``;
-    for the backward, ``DC = R^T do``. The chunk's ``(I - A_ab)^-1`` goes through ``INV`` ([BT, BT]
-    fp32 per chunk, when not None): the forward stores it, the backward (and ``_bwd_dv_kernel``) read it
-    instead of forming it again. Statements are ordered so that tiles die early (registers)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, nv = _chunk_program(i_c, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    rows = tl.arange(0, BT)
+def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constexpr, K: tl.constexpr,
+                      BT: tl.constexpr, LOG2_BT: tl.constexpr, FORM_INV: tl.constexpr, STORE_INV: tl.constexpr,
+                      PREC: tl.constexpr, W_LOGIT: tl.constexpr):
+    """The chunk's ``P`` and ``R`` (and what the forward's ``C``, ``Oc`` reuse). The inverse
+    ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``."""
     kk = tl.arange(0, K)
-    cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
-
     g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
     tail = tl.exp(g_last[None, :] - g)
@@ -359,90 +369,139 @@ def _prep_kernel(
     bn = b_c * e_neg
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
-    if FORWARD or INV is None:
+    if FORM_INV:
         inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
-        if INV is not None:
+        if STORE_INV:
             tl.store(INV + _inverse_offsets(cbase, BT), inv)
     else:
         inv = tl.load(INV + _inverse_offsets(cbase, BT))
     W = _dot(inv, ag, PREC)  # [BT, K]
     Pm = _dot(tl.trans(bt), W, PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
-    tl.store(P + cbase * (K * K) + kk[:, None] * K + kk[None, :], Pm)
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
     Rm = rg + _dot(A_rb, W, PREC)
-    if FORWARD:
-        k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
-        kn = k_c * e_neg
-        v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
-        U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, PREC), PREC)
-        Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, PREC)
-        tl.store(C + cbase * (K * V) + _state_offsets(K, V, 0, V), Cm)
-        Om = _dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, PREC)
-        Om += _dot(A_rb, U0, PREC)
-        # R and Oc are stored per chunk, rows past the sequence end included (they are never read
-        # into an output: the scan masks its stores).
-        tl.store(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :], Rm)
-        tl.store(Oc + cbase * (BT * V) + rows[:, None] * V + tl.arange(0, V)[None, :], Om)
+    return Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv
+
+
+@triton.jit
+def _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H: tl.constexpr, BT: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """Which chunk a chained program takes: ticket ``t`` -> head ``t % H`` of the ``t // H``-th chunk in
+    chain order (every sequence's first chunks first, or its last chunks first when ``REVERSE``), so that
+    a chunk's predecessor in its chain always holds a smaller ticket. Returns the global chunk index, the
+    sequence, the head, the first token, the valid tokens, and whether the chunk starts / ends its sequence."""
+    j = ticket // H
+    i_h = ticket % H
+    if IS_VARLEN:
+        i_c = tl.load(order + j)
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        c = tl.load(chunk_indices + 2 * i_c + 1)
     else:
-        do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
-        tl.store(DC + cbase * (K * V) + _state_offsets(K, V, 0, V), _dot(tl.trans(Rm), do_c, PREC))
+        n_per_seq = tl.cdiv(T, BT)
+        c = j // n_seq
+        if REVERSE:
+            c = n_per_seq - 1 - c
+        i_n = j % n_seq
+        i_c = i_n * n_per_seq + c
+    bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    t0 = bos + c * BT
+    return i_c, i_n, i_h, t0, eos - t0, c == 0, t0 + BT >= eos
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    P, C, R, Oc, o, h0, ht, states, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-    IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr,
-):
-    """Serial over chunks, one program per (V-block, sequence, head): ``o = Oc + R h ; h <- P h + C``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_h = i_nh % H
-    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
-    col0 = i_v * BV
-    soffs = _state_offsets(K, V, col0, BV)
-    kk = tl.arange(0, K)
-    rows = tl.arange(0, BT)
-    h = _load_state_block(h0, i_nh, i_h, soffs, K, V, BV, HAS_H0, H0_BCAST)
-    for c in range(0, tl.cdiv(eos - bos, BT)):
-        cbase = (first_chunk + c) * H + i_h
-        if STORE_STATES:
-            tl.store(states + cbase * (K * V) + soffs, h)
-        Pm = tl.load(P + cbase * (K * K) + kk[:, None] * K + kk[None, :])
-        Cm = tl.load(C + cbase * (K * V) + soffs)
-        Rm = tl.load(R + cbase * (BT * K) + rows[:, None] * K + kk[None, :])
-        Om = tl.load(Oc + cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :])
-        Om += _dot(Rm, h, SCAN_PREC)
-        _store_tile(o, Om, bos + c * BT, eos - bos - c * BT, i_h, H, V, col0, BT, BV)
-        h = _dot(Pm, h, SCAN_PREC) + Cm
-    if STORE_FINAL:
-        tl.store(ht + i_nh.to(tl.int64) * (K * V) + soffs, h)
+def _chain_wait(flag):
+    """Spin until the predecessor in the chain has published its state (acquire: its stores are visible)."""
+    ready = tl.atomic_add(flag, 0, sem="acquire")
+    while ready == 0:
+        ready = tl.atomic_add(flag, 0, sem="acquire")
+    tl.debug_barrier()
 
 
 @triton.jit
-def _scan_bwd_kernel(
-    P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, SCAN_PREC: tl.constexpr, STORE_DSTATES: tl.constexpr,
+def _chain_signal(flag):
+    """Publish this program's stores to its successor: every thread's stores, then one release flag."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, 1, sem="release")
+
+
+@triton.jit
+def _chain_fwd_kernel(
+    r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, sync, order, cu_seqlens, chunk_indices, T, n_seq,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
-    """Serial, last chunk first: store the gradient of each chunk's end state (for the input gradients,
-    ``STORE_DSTATES``), ``dh <- P^T dh + R^T do``; finally write dh0."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_h = i_nh % H
-    bos, eos, first_chunk = _serial_program(i_nh, T, cu_seqlens, chunk_offsets, H, BT, IS_VARLEN)
-    soffs = _state_offsets(K, V, i_v * BV, BV)
-    kk = tl.arange(0, K)
-    dh = _load_state_block(dht, i_nh, i_h, soffs, K, V, BV, HAS_DHT, False)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for i in range(0, n_chunks):
-        cbase = (first_chunk + n_chunks - 1 - i) * H + i_h
-        if STORE_DSTATES:
-            tl.store(dstates + cbase * (K * V) + soffs, dh)
-        Pt = tl.load(P + cbase * (K * K) + kk[None, :] * K + kk[:, None])  # P^T, read transposed
-        dh = _dot(Pt, dh, SCAN_PREC) + tl.load(DC + cbase * (K * V) + soffs)
-    tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + soffs, dh)
+    """One program = one chunk of one head: form P, C, R, Oc (all parallel work), then take the chunk's
+    start state from its predecessor, hand ``h_end = P h + C`` on, and store ``o = Oc + R h``.
+
+    ``states`` ([n_chunks, H, K, V] fp32) is both the hand-over buffer and what the backward restarts
+    each chunk from. ``sync`` is int32 zeros: ``sync[0]`` deals the tickets, ``sync[1 + chunk*H + head]``
+    says that chunk's start state is in ``states``.
+    """
+    ticket = tl.atomic_add(sync, 1)  # chunk order follows start order: see "Chained kernels" above
+    i_c, i_n, i_h, t0, nv, first, last = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H, BT,
+                                                       IS_VARLEN, False)
+    cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
+    Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, W_LOGIT)
+    k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
+    kn = k_c * e_neg
+    v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
+    U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, PREC), PREC)
+    Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, PREC)
+    Om = _dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, PREC)
+    Om += _dot(A_rb, U0, PREC)
+
+    soffs = _state_offsets(K, V, 0, V)
+    if first:
+        h = _load_state_block(h0, i_n * H + i_h, i_h, soffs, K, V, V, HAS_H0, H0_BCAST)
+        tl.store(states + cbase * (K * V) + soffs, h)
+    else:
+        _chain_wait(sync + 1 + cbase)
+        h = tl.load(states + cbase * (K * V) + soffs, cache_modifier=".cg")
+    h_end = _dot(Pm, h, SCAN_PREC) + Cm
+    if last:
+        if STORE_FINAL:
+            tl.store(ht + (i_n * H + i_h).to(tl.int64) * (K * V) + soffs, h_end)
+    else:
+        tl.store(states + (cbase + H) * (K * V) + soffs, h_end)
+        _chain_signal(sync + 1 + cbase + H)
+    Om += _dot(Rm, h, SCAN_PREC)
+    _store_tile(o, Om, t0, nv, i_h, H, V, 0, BT, V)
+
+
+@triton.jit
+def _chain_bwd_kernel(
+    r, w, a, b, w_bias, do, dht, dh0, dstates, INV, sync, order, cu_seqlens, chunk_indices, T, n_seq,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
+    W_LOGIT: tl.constexpr,
+):
+    """The forward's chain transposed, last chunk first: form P and ``R^T do``, take the gradient of the
+    chunk's end state from its successor (``dstates``, kept for the input-gradient kernels), hand
+    ``P^T dh + R^T do`` on to the chunk before (or to ``dh0``)."""
+    ticket = tl.atomic_add(sync, 1)
+    i_c, i_n, i_h, t0, nv, first, last = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H, BT,
+                                                       IS_VARLEN, True)
+    cbase = i_c.to(tl.int64) * H + i_h
+    Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, W_LOGIT)
+    dC = _dot(tl.trans(Rm), _load_tile(do, t0, nv, i_h, H, V, 0, BT, V), PREC)
+
+    soffs = _state_offsets(K, V, 0, V)
+    if last:
+        dh = _load_state_block(dht, i_n * H + i_h, i_h, soffs, K, V, V, HAS_DHT, False)
+        tl.store(dstates + cbase * (K * V) + soffs, dh)
+    else:
+        _chain_wait(sync + 1 + cbase)
+        dh = tl.load(dstates + cbase * (K * V) + soffs, cache_modifier=".cg")
+    dh_start = _dot(tl.trans(Pm), dh, SCAN_PREC) + dC
+    if first:
+        tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * (K * V) + soffs, dh_start)
+    else:
+        tl.store(dstates + (cbase - H) * (K * V) + soffs, dh_start)
+        _chain_signal(sync + 1 + cbase - H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,28 +894,11 @@ def _pick_chunk_size(w: torch.Tensor, preferred: int, lower_bound: float | None 
     )
 
 
-def _block_v(K: int, V: int, n_states: int, device: torch.device) -> int:
-    """V-columns per program of the serial kernels (``n_states`` = sequences x heads programs per V-block).
-
-    The transition-form scan reads the same P for every V-block, so it prefers one block of all V as
-    long as that keeps most SMs busy (H100, 8x4096x12x64: fwd+bwd 4.34 ms at 64 vs 4.49 ms at 16,
-    benchmarks/results/tune_kernels.json); with few sequences x heads it splits V so that there are
-    about as many programs as SMs (H200, 1x16384x32x64, 32 states: fwd+bwd 6.13 ms at 64, 5.86 at 32,
-    5.68 at 16; 4x4096x32x64, 128 states: 4.22 at 64 and 32, 4.58 at 16; see
-    benchmarks/results/tune_kernels_inv_h200.log).
-    The fused serial kernels do a whole chunk's algebra per step and want more, smaller programs: 16.
-    ``RWKV7_WKV_BV`` overrides; tl.dot needs >= 16.
-    """
-    if os.environ.get("RWKV7_WKV_BV"):
-        return min(V, int(os.environ["RWKV7_WKV_BV"]))
-    if not _transition_form(K, V):
-        return min(V, 16)
-    bv = V
-    if device.type == "cuda":
-        busy = 0.7 * torch.cuda.get_device_properties(device).multi_processor_count
-        while bv > 16 and n_states * (V // bv) < busy:
-            bv //= 2
-    return bv
+def _block_v(K: int, V: int) -> int:
+    """V-columns per program of the fused serial kernels (head sizes over ``FAST_MAX_K``), which do a whole
+    chunk's algebra per step and want more, smaller programs: 16. ``RWKV7_WKV_BV`` overrides; tl.dot needs
+    >= 16. (The chained kernels of the transition form hold all of V.)"""
+    return min(V, int(os.environ.get("RWKV7_WKV_BV", "0")) or 16)
 
 
 #: Precisions of the intra-chunk products (``RWKV7_WKV_DOT_PREC``, for bf16/fp16 inputs; fp32 inputs always
@@ -904,13 +946,7 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     return prec, prec
 
 
-#: Software-pipelining depth of the transition-form scans' chunk loop: the loads of the next chunks' P, C, R, Oc
-#: (or P, R^T do) run ahead of the serial product. H200 (benchmarks/results/tune_kernels_inv_h200.log, call Q):
-#: fwd+bwd 3.35 -> 3.25 ms at (8, 4096, 12, 64) and 5.52 -> 5.05 ms at (1, 16384, 32, 64) going from 2 to 3;
-#: 1 stage and 8 warps were no better than 2; 4 stages (call T) no better than 3 (5.29 vs 5.11 ms at 1x16384x32).
-SCAN_STAGES = 3
-
-#: Largest head size run in the transition form (pre-pass + one-product scan); larger heads (the
+#: Largest head size run in the transition form (chained kernels, P in registers); larger heads (the
 #: upscaled states) use the fused serial kernels, whose registers hold no [K, K] matrix.
 FAST_MAX_K = int(os.environ.get("RWKV7_WKV_FAST_MAX_K", "64"))
 
@@ -920,7 +956,7 @@ def _transition_form(K: int, V: int) -> bool:
 
 
 def _scan_precision(dtype: torch.dtype) -> str:
-    """Precision of the scan's ``P h`` product: the state is carried through it once per chunk."""
+    """Precision of the chain's ``P h`` product: the state is carried through it once per chunk."""
     return os.environ.get("RWKV7_WKV_SCAN_PREC") or ("ieee" if dtype == torch.float32 else "tf32")
 
 
@@ -1029,16 +1065,32 @@ def _max_chunk(K: int, V: int, dtype: torch.dtype) -> int:
     return max(_CHUNK_SIZES[-1], min(cap, 8192 // max(K, V)))
 
 
-def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Chunk offset of each sequence, (sequence, chunk) of each global chunk, and the chunk count."""
+def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[tuple[torch.Tensor, ...], int, list[int]]:
+    """Tables of packed sequences: the chunk offset of each sequence, (sequence, chunk) of each global chunk,
+    and the global chunks in the chained kernels' forward and backward orders (by position from the sequence's
+    start, resp. end: a chunk's predecessor in its chain always comes earlier); then the chunk count and the
+    sequences without tokens (no chunk, so no chained program: their final state / dh0 are set here)."""
     bounds = cu_seqlens.tolist()  # one sync per forward; the backward reuses the tables
-    offsets, pairs = [], []
+    offsets, pairs, counts, empty = [], [], [], []
     for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         offsets.append(len(pairs))
-        pairs.extend((n, c) for c in range(math.ceil((e - s) / BT)))
-    offs = torch.tensor(offsets, dtype=torch.int32, device=device)
+        counts.append(math.ceil((e - s) / BT))
+        pairs.extend((n, c) for c in range(counts[-1]))
+        if counts[-1] == 0:
+            empty.append(n)
+    fwd_order = sorted(range(len(pairs)), key=lambda i: (pairs[i][1], pairs[i][0]))
+    bwd_order = sorted(range(len(pairs)), key=lambda i: (counts[pairs[i][0]] - 1 - pairs[i][1], pairs[i][0]))
+
+    def table(x):
+        return torch.tensor(x or [0], dtype=torch.int32, device=device)
+
     idx = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=device).view(-1, 2)
-    return offs, idx, len(pairs)
+    return (table(offsets), idx, table(fwd_order), table(bwd_order)), len(pairs), empty
+
+
+def _chain_sync(n_chunks: int, H: int, device) -> torch.Tensor:
+    """Zeroed int32 ticket counter + one ready flag per (chunk, head) for a chained kernel launch."""
+    return torch.zeros(1 + n_chunks * H, dtype=torch.int32, device=device)
 
 
 class _WKV7Function(torch.autograd.Function):
@@ -1058,12 +1110,13 @@ class _WKV7Function(torch.autograd.Function):
         if varlen:
             cu_seqlens = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
             n_seq, seq_T = cu_seqlens.numel() - 1, 0
-            chunk_offsets, chunk_indices, n_chunks = _varlen_tables(cu_seqlens, BT, r.device)
+            (chunk_offsets, chunk_indices, fwd_order, bwd_order), n_chunks, empty = _varlen_tables(cu_seqlens, BT, r.device)
         else:
             n_seq, seq_T = B, T
             n_chunks = B * math.ceil(T / BT)
-            chunk_offsets = chunk_indices = None
-        BV = _block_v(K, V, n_seq * H, r.device)
+            chunk_offsets = chunk_indices = fwd_order = bwd_order = None
+            empty = list(range(B)) if T == 0 else []
+        BV = _block_v(K, V)
         # Which gradients autograd wants. The chunk-start states are kept only for the input gradients
         # (_bwd_grad_kernel): dh0 alone needs just the backward scan. That is the case of a state-tuned
         # layer whose inputs come from frozen weights only (layer 0, or the lowest tuned layer).
@@ -1078,22 +1131,23 @@ class _WKV7Function(torch.autograd.Function):
         inv = None
         if _transition_form(K, V):
             f32 = dict(dtype=torch.float32, device=r.device)
-            P, C = torch.empty(n_chunks, H, K, K, **f32), torch.empty(n_chunks, H, K, V, **f32)
-            R, Oc = torch.empty(n_chunks, H, BT, K, **f32), torch.empty(n_chunks, H, BT, V, **f32)
-            # Each chunk's (I - A_ab)^-1, kept for the backward's pre-pass and dv kernel (BT^2 floats per
+            # The chained kernel hands each chunk's start state to the next program through `states`, which
+            # the backward then restarts every chunk from (kept only when input gradients are wanted).
+            states = torch.empty(n_chunks, H, K, V, **f32)
+            # Each chunk's (I - A_ab)^-1, kept for the backward's chained kernel and dv kernel (BT^2 floats per
             # chunk: 1/4 of the chunk states at BT = 32, K = 64), which then need not form it again.
             inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
-                _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, w_bias, None, P, C, R, Oc, None, inv, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=True, PREC=_dot_precision(dtype), W_LOGIT=w_bias is not None,
-                    num_warps=_parallel_warps(BT, K),
+                _chain_fwd_kernel[(n_chunks * H,)](
+                    r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, _chain_sync(n_chunks, H, r.device), fwd_order,
+                    cu_seqlens, chunk_indices, seq_T, n_seq, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
+                    STORE_FINAL=output_final_state, PREC=_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
+                    W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
                 )
-            _scan_fwd_kernel[(V // BV, n_seq * H)](
-                P, C, R, Oc, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV, **h0_flags,
-                STORE_FINAL=output_final_state, STORE_STATES=need_input_grads, SCAN_PREC=_scan_precision(dtype),
-                num_warps=4, num_stages=SCAN_STAGES,
-            )
+            if empty and ht is not None:  # sequences without tokens: no program; their final state is h0
+                ht[empty] = 0.0 if h0_f is None else h0_f[[0] * len(empty) if h0_flags["H0_BCAST"] else empty]
+            if not need_input_grads:
+                states = None
         else:
             _fwd_kernel[(V // BV, n_seq * H)](
                 r, w, k, v, a, b, w_bias, o, h0_f, ht, states, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
@@ -1101,7 +1155,9 @@ class _WKV7Function(torch.autograd.Function):
                 PREC=_dot_precision(dtype), W_LOGIT=w_bias is not None, num_warps=_warps(BT, K), num_stages=_stages(BT, K),
             )
         if need_grad:
-            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv, w_bias)
+            ctx.save_for_backward(r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, bwd_order, inv,
+                                  w_bias)
+            ctx.empty_sequences = empty
             ctx.w_bias_shape = None if w_logit_bias is None else (w_logit_bias.shape, w_logit_bias.dtype)
             ctx.meta = (BT, BV, n_seq, seq_T, n_chunks, h0 is not None, None if h0 is None else (h0.shape, h0.dtype))
             # Kept for the PyTorch fallback of the backward only. Not in save_for_backward: the kernels
@@ -1130,7 +1186,7 @@ class _WKV7Function(torch.autograd.Function):
 
     @staticmethod
     def _kernel_backward(ctx, do, dht):
-        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, inv, w_bias = ctx.saved_tensors
+        r, w, k, v, a, b, states, cu_seqlens, chunk_offsets, chunk_indices, bwd_order, inv, w_bias = ctx.saved_tensors
         BT, BV, n_seq, seq_T, n_chunks, has_h0, h0_info = ctx.meta
         B, T, H, K = r.shape
         V = v.shape[-1]
@@ -1143,20 +1199,20 @@ class _WKV7Function(torch.autograd.Function):
         dh0 = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device)
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
         if _transition_form(K, V):
-            P = torch.empty(n_chunks, H, K, K, dtype=torch.float32, device=r.device)
-            DC = torch.empty(n_chunks, H, K, V, dtype=torch.float32, device=r.device)
+            # The chain hands each chunk's end-state gradient to the chunk before through `dstates` (a scratch
+            # buffer when only dh0 is wanted).
+            handover = dstates if dstates is not None else torch.empty(n_chunks, H, K, V, dtype=torch.float32,
+                                                                       device=r.device)
             if n_chunks:
-                _prep_kernel[(n_chunks, H)](
-                    r, w, k, v, a, b, w_bias, do, P, None, None, None, DC, inv, cu_seqlens, chunk_indices, seq_T, **common,
-                    LOG2_BT=int(math.log2(BT)), FORWARD=False, PREC=prec, W_LOGIT=w_bias is not None,
+                _chain_bwd_kernel[(n_chunks * H,)](
+                    r, w, a, b, w_bias, do, dht, dh0, handover, inv, _chain_sync(n_chunks, H, r.device), bwd_order,
+                    cu_seqlens, chunk_indices, seq_T, n_seq, **common, LOG2_BT=int(math.log2(BT)),
+                    HAS_DHT=dht is not None, PREC=prec, SCAN_PREC=_scan_precision(r.dtype), W_LOGIT=w_bias is not None,
                     num_warps=_parallel_warps(BT, K),
                 )
-            _scan_bwd_kernel[(V // BV, n_seq * H)](
-                P, DC, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
-                HAS_DHT=dht is not None, SCAN_PREC=_scan_precision(r.dtype), STORE_DSTATES=states is not None,
-                num_warps=4, num_stages=SCAN_STAGES,
-            )
-            del P, DC
+            del handover
+            if ctx.empty_sequences:  # sequences without tokens: no program; the gradient passes through
+                dh0[ctx.empty_sequences] = 0.0 if dht is None else dht[ctx.empty_sequences]
         else:
             _bwd_state_kernel[(V // BV, n_seq * H)](
                 r, w, a, b, w_bias, do, dht, dh0, dstates, cu_seqlens, chunk_offsets, seq_T, **common, BV=BV,
