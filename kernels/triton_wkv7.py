@@ -25,7 +25,7 @@ Kernels:
 * ``_chain_fwd_kernel`` / ``_chain_bwd_kernel`` (head size <= 64, all released models; one program per
   (chunk, head), the state handed from chunk to chunk: see "Chained kernels" below): ``o``, the final
   state and the state at the start of every chunk (fp32); backward: the gradient of every chunk's end
-  state, and ``dh0``.
+  state, and ``dh0``, then (off the chain) the dv kernel's work below for its chunk.
 * ``_fwd_kernel`` / ``_bwd_state_kernel`` (larger heads, the upscaled states: serial over chunks, one
   program per (V-block, sequence, head)): the same, with the whole chunk algebra inside the serial loop.
 * ``_bwd_grad_kernel`` (parallel: one program per (chunk, head)): with the chunk's start state and
@@ -34,7 +34,8 @@ Kernels:
 * ``_bwd_dv_kernel`` + ``_bwd_kgrad_kernel``: the same gradients in two kernels with fewer live
   tiles (``RWKV7_WKV_GRAD_VARIANT=split``; the default for head size 64 from BT 32, where it is the faster
   one, and beyond the fused kernel's shared memory; see :func:`_grad_variant`): dv, u and dx per (V-block,
-  chunk, head), then the K-side gradients per (K-block, chunk, head) from u and dx.
+  chunk, head), then the K-side gradients per (K-block, chunk, head) from u and dx. For head size 64 the
+  chained backward does the dv kernel's part (it already holds the chunk's tiles and end-state gradient).
 * ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
   in place.
 
@@ -350,6 +351,11 @@ def _fwd_kernel(
 # launch order of program ids is not relied on. Under TRITON_INTERPRET=1 programs run one after the
 # other in ticket order, so every wait is already satisfied. The ready flags are fresh zeros per launch.
 #
+# The backward's chain programs, once they have handed their gradient on, also do the dv kernel's work for their
+# chunk (all of V): they hold its tiles, the inverse and the end-state gradient already. H100, same process:
+# fwd+bwd 3.00 -> 2.81 ms at (8, 4096, 12, 64), 3.84 -> 3.62-3.73 at (4, 4096, 32); the kernel then needs 255
+# registers (two programs per SM instead of four) and the backward is no longer chain-bound at those shapes.
+#
 # The chain's latency is ~2.8 us per chunk on an H100 (the flag's round trip, the state's load and
 # store), so with few sequences x heads and many chunks the serial part, not the parallel work, sets
 # the time: (1, 16384, 32): 512 chunks, 1.4 ms per direction.
@@ -473,21 +479,24 @@ def _chain_fwd_kernel(
 
 @triton.jit
 def _chain_bwd_kernel(
-    r, w, a, b, w_bias, do, dht, dh0, dstates, INV, sync, order, cu_seqlens, chunk_indices, T, n_seq,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    r, w, k, v, a, b, w_bias, do, dht, dh0, dstates, states, dv, U, DX, INV, sync, order, cu_seqlens, chunk_indices,
+    T, n_seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
-    W_LOGIT: tl.constexpr,
+    W_LOGIT: tl.constexpr, WITH_DV: tl.constexpr, GRAD_PREC: tl.constexpr,
 ):
     """The forward's chain transposed, last chunk first: form P and ``R^T do``, take the gradient of the
     chunk's end state from its successor (``dstates``, kept for the input-gradient kernels), hand
-    ``P^T dh + R^T do`` on to the chunk before (or to ``dh0``)."""
+    ``P^T dh + R^T do`` on to the chunk before (or to ``dh0``). ``WITH_DV``: then, off the chain, the work
+    of ``_bwd_dv_kernel`` for this chunk (all of V), from the tiles already formed: ``dv``, and ``u``, ``dx``
+    to scratch for ``_bwd_kgrad_kernel``."""
     ticket = tl.atomic_add(sync, 1)
     i_c, i_n, i_h, t0, nv, first, last = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H, BT,
                                                        IS_VARLEN, True)
     cbase = i_c.to(tl.int64) * H + i_h
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
         r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, W_LOGIT)
-    dC = _dot(tl.trans(Rm), _load_tile(do, t0, nv, i_h, H, V, 0, BT, V), PREC)
+    do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
+    dC = _dot(tl.trans(Rm), do_c, PREC)
 
     soffs = _state_offsets(K, V, 0, V)
     if last:
@@ -502,6 +511,22 @@ def _chain_bwd_kernel(
     else:
         tl.store(dstates + (cbase - H) * (K * V) + soffs, dh_start)
         _chain_signal(sync + 1 + cbase - H)
+    if WITH_DV:
+        k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
+        kn = k_c * e_neg
+        A_ak = _masked_dot_t(ag, kn, True, BT, GRAD_PREC)
+        v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
+        h_start = tl.load(states + cbase * (K * V) + soffs)
+        u = _dot(inv, _dot(A_ak, v_c, GRAD_PREC) + _dot(ag, h_start, GRAD_PREC), GRAD_PREC)
+        xoffs = cbase * (BT * V) + tl.arange(0, BT)[:, None] * V + tl.arange(0, V)[None, :]
+        tl.store(U + xoffs, u)
+        du = _dot(tl.trans(A_rb), do_c, GRAD_PREC) + _dot(bt, dh, GRAD_PREC)
+        dx = _dot(tl.trans(inv), du, GRAD_PREC)
+        tl.store(DX + xoffs, dx)
+        dv_c = _dot(tl.trans(_masked_dot_t(rg, kn, False, BT, GRAD_PREC)), do_c, GRAD_PREC)
+        dv_c += _dot(tl.trans(A_ak), dx, GRAD_PREC)
+        dv_c += _dot(k_c * tail, dh, GRAD_PREC)
+        _store_tile(dv, dv_c, t0, nv, i_h, H, V, 0, BT, V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +734,8 @@ def _bwd_dv_kernel(
 ):
     """One program = V-columns ``[i_v*BV, ..)`` of one chunk of one head: store dv, and u and dx (fp32
     scratch ``[n_chunks, H, BT, V]``, padded rows included) for ``_bwd_kgrad_kernel``. ``INV``: the chunks'
-    ``(I - A_ab)^-1`` stored by the forward's pre-pass, or None (formed here).
+    ``(I - A_ab)^-1`` stored by the forward, or None (formed here). Used where the chained backward does not do
+    this itself (``with_dv`` in the launch code: larger heads, V-blocks under V).
 
     The V-block index varies fastest along axis 0, so the programs of one chunk run side by side and
     share its r, w, k, a, b through L2. Statements are ordered so that tiles die early.
@@ -1198,6 +1224,15 @@ class _WKV7Function(torch.autograd.Function):
         dstates = None if states is None else torch.empty_like(states)
         dh0 = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=r.device)
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
+        grad_prec, grad_prec_lo = _grad_dot_precisions(r.dtype)
+        variant = _grad_variant(BT, K, V)
+        # u and dx of every chunk (fp32, padded rows included), for the split variant's K-side kernel: 2 * n_chunks
+        # * H * BT * V floats. For head size 64 the chained backward writes them (and dv) itself (with_dv).
+        split = states is not None and variant == "split"
+        U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device) if split else None
+        DX = torch.empty_like(U) if split else None
+        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b)) if states is not None else (None,) * 6
+        with_dv = split and _transition_form(K, V) and _grad_block_v(variant, K, V) == V
         if _transition_form(K, V):
             # The chain hands each chunk's end-state gradient to the chunk before through `dstates` (a scratch
             # buffer when only dh0 is wanted).
@@ -1205,10 +1240,10 @@ class _WKV7Function(torch.autograd.Function):
                                                                        device=r.device)
             if n_chunks:
                 _chain_bwd_kernel[(n_chunks * H,)](
-                    r, w, a, b, w_bias, do, dht, dh0, handover, inv, _chain_sync(n_chunks, H, r.device), bwd_order,
-                    cu_seqlens, chunk_indices, seq_T, n_seq, **common, LOG2_BT=int(math.log2(BT)),
-                    HAS_DHT=dht is not None, PREC=prec, SCAN_PREC=_scan_precision(r.dtype), W_LOGIT=w_bias is not None,
-                    num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, w_bias, do, dht, dh0, handover, states, dv, U, DX, inv,
+                    _chain_sync(n_chunks, H, r.device), bwd_order, cu_seqlens, chunk_indices, seq_T, n_seq, **common,
+                    LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec, SCAN_PREC=_scan_precision(r.dtype),
+                    W_LOGIT=w_bias is not None, WITH_DV=with_dv, GRAD_PREC=grad_prec, num_warps=_parallel_warps(BT, K),
                 )
             del handover
             if ctx.empty_sequences:  # sequences without tokens: no program; the gradient passes through
@@ -1225,9 +1260,6 @@ class _WKV7Function(torch.autograd.Function):
             dh0_out = (dh0.sum(0, keepdim=True) if shape[0] == 1 and n_seq > 1 else dh0).to(dtype)
         if states is None:  # only dh0 was asked for (see the forward): no input-gradient kernel
             return None, None, None, None, None, None, dh0_out
-        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        grad_prec, grad_prec_lo = _grad_dot_precisions(r.dtype)
-        variant = _grad_variant(BT, K, V)
         gbv, gwarps = _grad_block_v(variant, K, V), _grad_warps(variant, BT, K)
         if n_chunks and variant == "fused":
             _bwd_grad_kernel[(n_chunks, H)](
@@ -1236,15 +1268,12 @@ class _WKV7Function(torch.autograd.Function):
                 W_LOGIT=w_bias is not None, num_warps=gwarps, num_stages=_stages(BT, K),
             )
         elif n_chunks:
-            # u and dx of every chunk (fp32, padded rows included), written by the dv kernel and read
-            # by the K-side kernel: 2 * n_chunks * H * BT * V floats.
-            U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device)
-            DX = torch.empty_like(U)
-            _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
-                r, w, k, v, a, b, w_bias, do, states, dstates, dv, U, DX, inv, cu_seqlens, chunk_indices, seq_T,
-                H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                W_LOGIT=w_bias is not None, num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
-            )
+            if not with_dv:  # else the chained backward wrote dv, u and dx
+                _bwd_dv_kernel[(n_chunks * (V // gbv), H)](
+                    r, w, k, v, a, b, w_bias, do, states, dstates, dv, U, DX, inv, cu_seqlens, chunk_indices, seq_T,
+                    H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec,
+                    PREC_LO=grad_prec_lo, W_LOGIT=w_bias is not None, num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
+                )
             kbv, gbk = _split_grad_tiles(BT, K, V)
             _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
                 r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,

@@ -322,7 +322,7 @@ class _DoesNotFit:
     "kernel,varlen",
     [
         pytest.param("_chain_fwd_kernel", False, id="forward"),  # caught by the dispatcher
-        pytest.param("_bwd_dv_kernel", True, id="backward-varlen-bcast"),  # caught inside the autograd function
+        pytest.param("_chain_bwd_kernel", True, id="backward-varlen-bcast"),  # caught inside the autograd function
         pytest.param("_decode_kernel", False, id="decode"),
     ],
 )
