@@ -71,6 +71,9 @@ __all__ = ["wkv7_triton", "wkv7_decode_triton", "MAX_LOG_SPAN", "RWKV7_DECAY_FLO
 MAX_LOG_SPAN = 60.0
 _CHUNK_SIZES = (64, 32, 16)  # tl.dot needs every dimension >= 16
 DEFAULT_CHUNK = int(os.environ.get("RWKV7_WKV_CHUNK", "32"))
+# RWKV-7's decay floor as a compile-time constant of the kernels (module-level globals of a @triton.jit function
+# must be tl.constexpr), from the one definition in reference.py.
+_DECAY_FLOOR = tl.constexpr(RWKV7_DECAY_FLOOR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def _load_log_decay(w, w_bias, tok0, n_valid, i_h, H: tl.constexpr, K: tl.conste
     Rows past the sequence end read 0 (decay 1) either way."""
     if W_LOGIT:
         z = _load_decay_logit(w, w_bias, tok0, n_valid, i_h, H, K, col0, BT, BK)
-        return tl.where((tl.arange(0, BT) < n_valid)[:, None], -0.6065306597126334 * tl.sigmoid(z), 0.0)
+        return tl.where((tl.arange(0, BT) < n_valid)[:, None], _DECAY_FLOOR * tl.sigmoid(z), 0.0)
     return _load_tile(w, tok0, n_valid, i_h, H, K, col0, BT, BK)
 
 
@@ -245,7 +248,7 @@ def _store_decay_grad(dw, w, w_bias, dlogw, tok0, n_valid, i_h, H: tl.constexpr,
     directly: no cancellation where the sigmoid is close to 1)."""
     if W_LOGIT:
         z = _load_decay_logit(w, w_bias, tok0, n_valid, i_h, H, K, col0, BT, BK)
-        dlogw = dlogw * (-0.6065306597126334 * tl.sigmoid(z) * tl.sigmoid(-z))
+        dlogw = dlogw * (_DECAY_FLOOR * tl.sigmoid(z) * tl.sigmoid(-z))
     _store_tile(dw, dlogw, tok0, n_valid, i_h, H, K, col0, BT, BK)
 
 

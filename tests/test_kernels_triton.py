@@ -167,6 +167,26 @@ def test_unknown_grad_variant_raises(monkeypatch):
         o.sum().backward()
 
 
+def test_chain_orders_never_wait_on_a_later_ticket():
+    """The chained kernels cannot deadlock if every chunk's predecessor in its chain (the chunk before, forward;
+    after, backward) is dealt an earlier ticket. Checked on the varlen tables (uneven and empty sequences); the
+    fixed-length order is the same rule in closed form (:func:`_chain_chunk`)."""
+    from rwkv7_kernels.triton_wkv7 import _varlen_tables
+
+    cu = torch.tensor([0, 5, 5, 100, 101, 164, 300])
+    (offsets, pairs, fwd, bwd), n_chunks, empty = _varlen_tables(cu, 32, "cpu")
+    pairs = [tuple(p) for p in pairs.tolist()]
+    counts = [sum(1 for n, _ in pairs if n == s) for s in range(len(cu) - 1)]
+    assert n_chunks == len(pairs) == sum(counts) and empty == [1] and counts[1] == 0
+    for order, step in ((fwd.tolist(), -1), (bwd.tolist(), +1)):
+        assert sorted(order) == list(range(n_chunks))
+        rank = {(pairs[i]): r for r, i in enumerate(order)}
+        for (n, c), r in rank.items():
+            pred = (n, c + step)
+            if pred in rank:
+                assert rank[pred] < r, (n, c, "waits on a later ticket")
+
+
 def test_forward_only_and_dispatch():
     """No grad, no final state, through the public entry point."""
     xs = rwkv_inputs(2, 33, 2, 16, torch.float32, seed=5)
