@@ -132,7 +132,7 @@ class ShapeData:
         # fp32 reference on the same bf16-valued inputs (upcast): our chunk-parallel PyTorch path
         ref = fwd_bwd(lambda *x: wkv7_chunked_torch(*[t.float() for t in x[:6]], initial_state=x[6],
                                                     output_final_state=True), self.xs, self.h0, self.do)
-        self.ref_o, self.ref_grads = ref[0].float(), ref[2]
+        self.ref_o, self.ref_ht, self.ref_grads = ref[0].float(), ref[1], ref[2]
         del ref
         torch.cuda.empty_cache()
         n_in = B * T * H * N
@@ -146,10 +146,10 @@ def bench_variant(data, name, fn, log):
     import triton
 
     t0 = time.time()
-    o, _, grads = fwd_bwd(fn, data.xs, data.h0, data.do)
-    row = dict(err_o=rel(o, data.ref_o), err_dh0=rel(grads[-1], data.ref_grads[-1]),
+    o, ht, grads = fwd_bwd(fn, data.xs, data.h0, data.do)
+    row = dict(err_o=rel(o, data.ref_o), err_ht=rel(ht, data.ref_ht), err_dh0=rel(grads[-1], data.ref_grads[-1]),
                err_grads_max=max(rel(g, gr) for g, gr in zip(grads[:6], data.ref_grads[:6])))
-    del o, grads
+    del o, ht, grads
     ins = [x.detach().clone().requires_grad_() for x in data.xs]
     hh = data.h0.detach().clone().requires_grad_()
     do_b = data.do.to(torch.bfloat16)
@@ -164,14 +164,17 @@ def bench_variant(data, name, fn, log):
     row["fwd_bwd_GBps"] = data.bytes_fb / row["fwd_bwd_ms"] / 1e6
     torch.cuda.empty_cache()
     log(f"[bench] {data.shape} {name:12s} fwd {row['fwd_ms']:7.3f} ms  fwd+bwd {row['fwd_bwd_ms']:7.3f} ms  "
-        f"err o {row['err_o']:.1e} dh0 {row['err_dh0']:.1e} grads {row['err_grads_max']:.1e}  ({time.time() - t0:.0f}s)")
+        f"err o {row['err_o']:.1e} ht {row['err_ht']:.1e} dh0 {row['err_dh0']:.1e} grads {row['err_grads_max']:.1e}  "
+        f"({time.time() - t0:.0f}s)")
     return row
 
 
 def ours_fn(bt):
     from rwkv7_kernels.triton_wkv7 import wkv7_triton
 
-    return lambda *x: wkv7_triton(*x[:6], initial_state=x[6], output_final_state=True, chunk_size=bt)
+    # The same bound on w that the peer is given (RWKV-7's layers pass it too): no w.min() and device sync per call.
+    return lambda *x: wkv7_triton(*x[:6], initial_state=x[6], output_final_state=True, chunk_size=bt,
+                                  lower_bound=LOWER_BOUND)
 
 
 def fla_fn():
@@ -314,11 +317,11 @@ def main():
         plot(result, ppath)
     except ImportError:
         log("matplotlib missing: run with --plot-only later to draw the png")
-    log("\nshape              variant        fwd ms  fwd+bwd ms  GB/s(f+b)  err_o    err_dh0")
+    log("\nshape              variant        fwd ms  fwd+bwd ms  GB/s(f+b)  err_o    err_ht   err_dh0  err_grads")
     for s in result["shapes"]:
         for name, r in s["variants"].items():
             log(f"{'x'.join(map(str, s['shape'])):18s} {name:12s} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:10.3f} "
-                f"{r['fwd_bwd_GBps']:9.0f}  {r['err_o']:.1e}  {r['err_dh0']:.1e}")
+                f"{r['fwd_bwd_GBps']:9.0f}  {r['err_o']:.1e}  {r['err_ht']:.1e}  {r['err_dh0']:.1e}  {r['err_grads_max']:.1e}")
         if s.get("ratio_fwd_bwd") is not None:
             log(f"{'':18s} ratio (best ours / fla): fwd {s['ratio_fwd']:.2f}  fwd+bwd {s['ratio_fwd_bwd']:.2f}")
 

@@ -41,8 +41,9 @@ Kernels:
 
 Numerics: every product accumulates in fp32 and every intermediate is fp32; the states (stored chunk
 states too) are fp32. For bf16/fp16 inputs the products use TF32 tensor cores (10-bit mantissa, finer
-than the inputs' own rounding), except two groups in the gradient kernels that take bf16 operands
-(:func:`_grad_dot_precisions`); for fp32 inputs they are full-precision ("ieee").
+than the inputs' own rounding), except those that only shape the delta-rule part of the chained
+forward's state transition (:func:`_transition_dot_precision`) and two groups in the gradient kernels
+(:func:`_grad_dot_precisions`), which take bf16 operands; for fp32 inputs they are all full-precision ("ieee").
 
 Decay floor and chunk size: the factors ``e^{+-g}`` are formed separately, so one chunk's cumulative
 log decay must stay far inside fp32's range (|g| < 88). RWKV-7 keeps ``w >= -0.6065306597`` (decay
@@ -112,7 +113,7 @@ def _state_offsets(K: tl.constexpr, V: tl.constexpr, col0, BV: tl.constexpr):
 @triton.jit
 def _inverse_offsets(cbase, BT: tl.constexpr):
     """Offsets of chunk ``cbase``'s (chunk-major, like the stored states) ``(I - A_ab)^-1`` in the
-    [n_chunks, H, BT, BT] buffer that the forward's pre-pass keeps for the backward."""
+    [n_chunks, H, BT, BT] buffer that the chained forward keeps for the backward."""
     rows = tl.arange(0, BT)
     return cbase * (BT * BT) + rows[:, None] * BT + rows[None, :]
 
@@ -362,14 +363,27 @@ def _fwd_kernel(
 # The chain's latency is ~2.8 us per chunk on an H100 (the flag's round trip, the state's load and
 # store), so with few sequences x heads and many chunks the serial part, not the parallel work, sets
 # the time: (1, 16384, 32): 512 chunks, 1.4 ms per direction.
+#
+# Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
+# while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
+# smaller. So the forward rounds to bf16 (``TRANS_PREC``, twice TF32's tensor-core rate) only the operands of
+# the products that shape the delta-rule part of the state transition: ``A_ab`` and the inverse, ``W``,
+# ``bt^T W`` (in P) and ``bt^T U0`` (in C); everything that reaches ``o`` directly, and the chain's ``P h``,
+# stays TF32. Measured group by group (Triton interpreter against the fp32 reference, then an H100 at
+# (8, 4096, 12, 64), benchmarks/results/ab_kernels_h100.log): this set leaves o, dh0 and the input gradients
+# where TF32 has them (o 2.0e-3, dh0 1.7e-3, grads 4.0e-3; the final state 3.9e-4 -> 4.5e-4) for a forward
+# of 0.72 -> 0.65 ms. Also rounding ``A_rb``, ``R`` and ``U0`` (every delta-rule product of the forward) gave
+# 0.62 ms but o 2.1e-3 (interpreter: +15%); doing the same in the backward's u and dx took the gradients of
+# a and b from 5e-3 to 2.2e-2 (interpreter), and the backward's own P in bf16 gained nothing measurable.
 
 
 @triton.jit
 def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constexpr, K: tl.constexpr,
                       BT: tl.constexpr, LOG2_BT: tl.constexpr, FORM_INV: tl.constexpr, STORE_INV: tl.constexpr,
-                      PREC: tl.constexpr, W_LOGIT: tl.constexpr):
+                      PREC: tl.constexpr, TRANS_PREC: tl.constexpr, W_LOGIT: tl.constexpr):
     """The chunk's ``P`` and ``R`` (and what the forward's ``C``, ``Oc`` reuse). The inverse
-    ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``."""
+    ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``. ``TRANS_PREC``:
+    the products that only shape the delta-rule part of the transition (see "Precision" above)."""
     kk = tl.arange(0, K)
     g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
@@ -379,13 +393,13 @@ def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constex
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
     if FORM_INV:
-        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, PREC), BT, LOG2_BT, PREC)
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, TRANS_PREC), BT, LOG2_BT, TRANS_PREC)
         if STORE_INV:
             tl.store(INV + _inverse_offsets(cbase, BT), inv)
     else:
         inv = tl.load(INV + _inverse_offsets(cbase, BT))
-    W = _dot(inv, ag, PREC)  # [BT, K]
-    Pm = _dot(tl.trans(bt), W, PREC)
+    W = _dot(inv, ag, TRANS_PREC)  # [BT, K]
+    Pm = _dot(tl.trans(bt), W, TRANS_PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
@@ -439,7 +453,7 @@ def _chain_fwd_kernel(
     r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, sync, order, cu_seqlens, chunk_indices, T, n_seq,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
+    PREC: tl.constexpr, TRANS_PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """One program = one chunk of one head: form P, C, R, Oc (all parallel work), then take the chunk's
     start state from its predecessor, hand ``h_end = P h + C`` on, and store ``o = Oc + R h``.
@@ -453,12 +467,13 @@ def _chain_fwd_kernel(
                                                        IS_VARLEN, False)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
-        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, W_LOGIT)
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, TRANS_PREC,
+        W_LOGIT)
     k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
     kn = k_c * e_neg
     v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
     U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, PREC), PREC)
-    Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, PREC)
+    Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, TRANS_PREC)
     Om = _dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, PREC)
     Om += _dot(A_rb, U0, PREC)
 
@@ -497,7 +512,7 @@ def _chain_bwd_kernel(
                                                        IS_VARLEN, True)
     cbase = i_c.to(tl.int64) * H + i_h
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
-        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, W_LOGIT)
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, PREC, W_LOGIT)
     do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
     dC = _dot(tl.trans(Rm), do_c, PREC)
 
@@ -951,8 +966,8 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     at the default TF32 products), "tf32" (TF32 everywhere, the default until 2026-11-26), "bf16", or any
     other product precision; unset with ``RWKV7_WKV_DOT_PREC`` set, the gradient kernels follow that.
 
-    Whatever is chosen here, ``o``, the final state and ``dh0`` stay exactly those of the TF32 run (the
-    forward, the pre-pass and the scans keep their precision); only the six input gradients change.
+    Whatever is chosen here, ``o``, the final state and ``dh0`` stay exactly those of ``tf32`` here (the
+    chained forward and backward keep their precision); only the six input gradients change.
     "mixed": bf16 only for the inverse ``(I - A_ab)^-1`` and the four outer products with the chunk's states
     (``do h0^T``, ``dx h0^T``, ``v dhe^T``, ``u dhe^T``). Measured one group of products at a time
     (benchmarks/grad_precision_study.py: Triton interpreter, bf16 inputs, T = 256, N = 64, against the fp32
@@ -960,8 +975,9 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     input gradient from 4.2e-3 to 4.5e-3, while each other group alone took it to 6.5e-3 - 1.2e-2. On an H200
     at (8, 4096, 12, 64): worst input gradient 4.0e-3 vs 3.9e-3 (the peer's: 4.4e-3), fwd+bwd 3.54 vs 3.74 ms
     (benchmarks/results/tune_kernels_split_h200.json). Since then, for head sizes up to 64 (the transition
-    form) the gradient kernels read the inverse that the forward's pre-pass formed (TF32 products), so there
-    "mixed" rounds only the state outer products; larger heads still form it in bf16.
+    form) the gradient kernels read the inverse that the chained forward formed (bf16 products by default, see
+    :func:`_transition_dot_precision`), so there "mixed" rounds only the state outer products; larger heads
+    form it in bf16 here.
     """
     env = os.environ.get("RWKV7_WKV_GRAD_DOT_PREC")
     if env and env not in (*DOT_PRECISIONS, "mixed"):
@@ -973,6 +989,19 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
         return prec, ("bf16" if prec == "tf32" else prec)
     prec = _dot_precision(dtype, "RWKV7_WKV_GRAD_DOT_PREC") if env else prec
     return prec, prec
+
+
+def _transition_dot_precision(dtype: torch.dtype) -> str:
+    """Precision of the products that only shape the delta-rule part of a chunk's state transition in the
+    chained kernels (see "Precision" above): ``RWKV7_WKV_TRANSITION_DOT_PREC``, else bf16 where the other
+    products are TF32 (the default for bf16/fp16 inputs), else the same as the others (fp32 inputs: "ieee")."""
+    env = os.environ.get("RWKV7_WKV_TRANSITION_DOT_PREC")
+    if env and env not in DOT_PRECISIONS:
+        raise ValueError(f"RWKV7_WKV_TRANSITION_DOT_PREC={env!r}: expected one of {DOT_PRECISIONS}")
+    prec = _dot_precision(dtype)
+    if dtype == torch.float32:
+        return prec
+    return env or ("bf16" if prec == "tf32" else prec)
 
 
 #: Largest head size run in the transition form (chained kernels, P in registers); larger heads (the
@@ -1170,8 +1199,8 @@ class _WKV7Function(torch.autograd.Function):
                 _chain_fwd_kernel[(n_chunks * H,)](
                     r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, _chain_sync(n_chunks, H, r.device), fwd_order,
                     cu_seqlens, chunk_indices, seq_T, n_seq, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
-                    STORE_FINAL=output_final_state, PREC=_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
-                    W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
+                    STORE_FINAL=output_final_state, PREC=_dot_precision(dtype), TRANS_PREC=_transition_dot_precision(dtype),
+                    SCAN_PREC=_scan_precision(dtype), W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
                 )
             if empty and ht is not None:  # sequences without tokens: no program; their final state is h0
                 ht[empty] = 0.0 if h0_f is None else h0_f[[0] * len(empty) if h0_flags["H0_BCAST"] else empty]
