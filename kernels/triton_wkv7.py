@@ -364,13 +364,27 @@ def _fwd_kernel(
 # store), so with few sequences x heads and many chunks the serial part, not the parallel work, sets
 # the time: (1, 16384, 32): 512 chunks, 1.4 ms per direction.
 #
+# Lookahead (few chains: :func:`_chain_lookahead`). Then the programs at even positions of a chain (from 2 on)
+# also publish their transition (P and C; backward: P and R^T do) in a second buffer, with a second flag, before
+# they wait; and the programs at odd positions (from 3 on) do not wait for the chunk before, but for the one two
+# back: they form their start state as ``P_prev (h two back) + C_prev`` from that publication, then go on as
+# usual. So the odd positions form a chain that advances two chunks per hop, while the even positions hang off
+# it; every program still hands its own end state on (the backward restarts from them, and position 1 needs
+# position 0's). A program waits only on the two programs before it in its chain, which got earlier tickets, and
+# publishes before it waits: no deadlock. The cost (a 32 KB store and a release per even program, one more
+# product per odd one, a transient [n_chunks, H, 2, K, V] buffer) is a loss where there are enough chains to keep
+# the GPU busy. H100 (benchmarks/results/ab_kernels_lookahead_h100.log), with / without: (1, 16384, 32) forward
+# 1.41 -> 1.11 ms, forward + backward 4.21 -> 3.81 ms; (3, 8192, 16) (48 chains): forward 0.75 = 0.75, fwd+bwd
+# 2.56 -> 2.71; (2, 8192, 32) and (8, 4096, 12): slower (0.88 -> 0.99 and 0.66 -> 0.75 ms forward). Publishing
+# from every program (waiting two back everywhere) cost twice as much: (1, 16384, 32) forward 1.18 ms.
+#
 # Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
 # smaller. So the forward rounds to bf16 (``TRANS_PREC``, twice TF32's tensor-core rate) only the operands of
 # the products that shape the delta-rule part of the state transition: ``A_ab`` and the inverse, ``W``,
 # ``bt^T W`` (in P) and ``bt^T U0`` (in C); everything that reaches ``o`` directly, and the chain's ``P h``,
 # stays TF32. Measured group by group (Triton interpreter against the fp32 reference, then an H100 at
-# (8, 4096, 12, 64), benchmarks/results/ab_kernels_h100.log): this set leaves o, dh0 and the input gradients
+# (8, 4096, 12, 64), benchmarks/results/ab_kernels_precision_h100.log): this set leaves o, dh0 and the input gradients
 # where TF32 has them (o 2.0e-3, dh0 1.7e-3, grads 4.0e-3; the final state 3.9e-4 -> 4.5e-4) for a forward
 # of 0.72 -> 0.65 ms. Also rounding ``A_rb``, ``R`` and ``U0`` (every delta-rule product of the forward) gave
 # 0.62 ms but o 2.1e-3 (interpreter: +15%); doing the same in the backward's u and dx took the gradients of
@@ -413,7 +427,8 @@ def _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H: tl.const
     """Which chunk a chained program takes: ticket ``t`` -> head ``t % H`` of the ``t // H``-th chunk in
     chain order (every sequence's first chunks first, or its last chunks first when ``REVERSE``), so that
     a chunk's predecessor in its chain always holds a smaller ticket. Returns the global chunk index, the
-    sequence, the head, the first token, the valid tokens, and whether the chunk starts / ends its sequence."""
+    sequence, the head, the first token, the valid tokens, whether the chunk starts / ends its sequence, and
+    its position in chain order (chunks before it in its sequence, or after it when ``REVERSE``)."""
     j = ticket // H
     i_h = ticket % H
     if IS_VARLEN:
@@ -429,7 +444,8 @@ def _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H: tl.const
         i_c = i_n * n_per_seq + c
     bos, eos = _seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     t0 = bos + c * BT
-    return i_c, i_n, i_h, t0, eos - t0, c == 0, t0 + BT >= eos
+    pos = tl.cdiv(eos - t0, BT) - 1 if REVERSE else c
+    return i_c, i_n, i_h, t0, eos - t0, c == 0, t0 + BT >= eos, pos
 
 
 @triton.jit
@@ -449,8 +465,40 @@ def _chain_signal(flag):
 
 
 @triton.jit
+def _chain_take(flag, ptr, offs):
+    """Wait for ``flag``, then load the tile it guards (bypassing L1, where a stale copy could sit)."""
+    _chain_wait(flag)
+    return tl.load(ptr + offs, cache_modifier=".cg")
+
+
+@triton.jit
+def _chain_publish_early(LA, sync, n_flags, cbase, Mm, Cm, soffs, K: tl.constexpr, V: tl.constexpr):
+    """Lookahead: store this chunk's transition (``Mm``: P, [K, K] with K == V; ``Cm``: its offset, [K, V]) for
+    the next program in the chain, and flag it (``sync[1 + n_flags + chunk*H + head]``)."""
+    base = LA + cbase * (2 * K * V)
+    tl.store(base + soffs, Mm)
+    tl.store(base + K * V + soffs, Cm)
+    _chain_signal(sync + 1 + n_flags + cbase)
+
+
+@triton.jit
+def _chain_take_ahead(LA, sync, n_flags, hand, prev, soffs, SCAN_PREC: tl.constexpr, TRANSPOSE: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr):
+    """Lookahead: this chunk's start state (backward: end-state gradient) from two hops back, carried through
+    the previous chunk's published transition: ``M h_prev + C`` (``M^T`` when ``TRANSPOSE``). ``prev`` is the
+    previous chunk's (chunk, head) index; ``hand`` the hand-over buffer holding its start state."""
+    h_prev = _chain_take(sync + 1 + prev, hand, prev * (K * V) + soffs)
+    _chain_wait(sync + 1 + n_flags + prev)
+    base = LA + prev * (2 * K * V)
+    Mm = tl.load(base + soffs, cache_modifier=".cg")
+    if TRANSPOSE:
+        Mm = tl.trans(Mm)
+    return _dot(Mm, h_prev, SCAN_PREC) + tl.load(base + K * V + soffs, cache_modifier=".cg")
+
+
+@triton.jit
 def _chain_fwd_kernel(
-    r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, sync, order, cu_seqlens, chunk_indices, T, n_seq,
+    r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, LA, sync, order, cu_seqlens, chunk_indices, T, n_seq, n_flags,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr, TRANS_PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
@@ -460,11 +508,12 @@ def _chain_fwd_kernel(
 
     ``states`` ([n_chunks, H, K, V] fp32) is both the hand-over buffer and what the backward restarts
     each chunk from. ``sync`` is int32 zeros: ``sync[0]`` deals the tickets, ``sync[1 + chunk*H + head]``
-    says that chunk's start state is in ``states``.
+    says that chunk's start state is in ``states``. ``LA``: None, or the lookahead buffer ([n_chunks, H, 2, K, V]
+    fp32; its flags follow the others in ``sync``, ``n_flags`` = n_chunks * H), see "Lookahead" above.
     """
     ticket = tl.atomic_add(sync, 1)  # chunk order follows start order: see "Chained kernels" above
-    i_c, i_n, i_h, t0, nv, first, last = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H, BT,
-                                                       IS_VARLEN, False)
+    i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
+                                                            BT, IS_VARLEN, False)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
         r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, TRANS_PREC,
@@ -478,12 +527,19 @@ def _chain_fwd_kernel(
     Om += _dot(A_rb, U0, PREC)
 
     soffs = _state_offsets(K, V, 0, V)
+    if LA is not None:
+        if (pos % 2 == 0) & (pos >= 2) & (nv > BT):  # the next chunk's program forms its start state from our P, C
+            _chain_publish_early(LA, sync, n_flags, cbase, Pm, Cm, soffs, K, V)
     if first:
         h = _load_state_block(h0, i_n * H + i_h, i_h, soffs, K, V, V, HAS_H0, H0_BCAST)
         tl.store(states + cbase * (K * V) + soffs, h)
+    elif LA is not None:
+        if (pos % 2 == 1) & (pos >= 3):
+            h = _chain_take_ahead(LA, sync, n_flags, states, cbase - H, soffs, SCAN_PREC, False, K, V)
+        else:
+            h = _chain_take(sync + 1 + cbase, states, cbase * (K * V) + soffs)
     else:
-        _chain_wait(sync + 1 + cbase)
-        h = tl.load(states + cbase * (K * V) + soffs, cache_modifier=".cg")
+        h = _chain_take(sync + 1 + cbase, states, cbase * (K * V) + soffs)
     h_end = _dot(Pm, h, SCAN_PREC) + Cm
     if last:
         if STORE_FINAL:
@@ -497,8 +553,8 @@ def _chain_fwd_kernel(
 
 @triton.jit
 def _chain_bwd_kernel(
-    r, w, k, v, a, b, w_bias, do, dht, dh0, dstates, states, dv, U, DX, INV, sync, order, cu_seqlens, chunk_indices,
-    T, n_seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    r, w, k, v, a, b, w_bias, do, dht, dh0, dstates, states, dv, U, DX, INV, LA, sync, order, cu_seqlens,
+    chunk_indices, T, n_seq, n_flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
     W_LOGIT: tl.constexpr, WITH_DV: tl.constexpr, GRAD_PREC: tl.constexpr,
 ):
@@ -508,8 +564,8 @@ def _chain_bwd_kernel(
     of ``_bwd_dv_kernel`` for this chunk (all of V), from the tiles already formed: ``dv``, and ``u``, ``dx``
     to scratch for ``_bwd_kgrad_kernel``."""
     ticket = tl.atomic_add(sync, 1)
-    i_c, i_n, i_h, t0, nv, first, last = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H, BT,
-                                                       IS_VARLEN, True)
+    i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
+                                                            BT, IS_VARLEN, True)
     cbase = i_c.to(tl.int64) * H + i_h
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
         r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, PREC, W_LOGIT)
@@ -517,12 +573,19 @@ def _chain_bwd_kernel(
     dC = _dot(tl.trans(Rm), do_c, PREC)
 
     soffs = _state_offsets(K, V, 0, V)
+    if LA is not None:
+        if (pos % 2 == 0) & (pos >= 2) & (~first):  # the chunk before forms its end-state gradient from ours
+            _chain_publish_early(LA, sync, n_flags, cbase, Pm, dC, soffs, K, V)
     if last:
         dh = _load_state_block(dht, i_n * H + i_h, i_h, soffs, K, V, V, HAS_DHT, False)
         tl.store(dstates + cbase * (K * V) + soffs, dh)
+    elif LA is not None:
+        if (pos % 2 == 1) & (pos >= 3):
+            dh = _chain_take_ahead(LA, sync, n_flags, dstates, cbase + H, soffs, SCAN_PREC, True, K, V)
+        else:
+            dh = _chain_take(sync + 1 + cbase, dstates, cbase * (K * V) + soffs)
     else:
-        _chain_wait(sync + 1 + cbase)
-        dh = tl.load(dstates + cbase * (K * V) + soffs, cache_modifier=".cg")
+        dh = _chain_take(sync + 1 + cbase, dstates, cbase * (K * V) + soffs)
     dh_start = _dot(tl.trans(Pm), dh, SCAN_PREC) + dC
     if first:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * (K * V) + soffs, dh_start)
@@ -1004,6 +1067,9 @@ def _transition_dot_precision(dtype: torch.dtype) -> str:
     return env or ("bf16" if prec == "tf32" else prec)
 
 
+#: Most chains (sequences x heads) for which the chained kernels hand states on two chunks at a time (lookahead).
+LOOKAHEAD_MAX_CHAINS = 32
+
 #: Largest head size run in the transition form (chained kernels, P in registers); larger heads (the
 #: upscaled states) use the fused serial kernels, whose registers hold no [K, K] matrix.
 FAST_MAX_K = int(os.environ.get("RWKV7_WKV_FAST_MAX_K", "64"))
@@ -1146,9 +1212,22 @@ def _varlen_tables(cu_seqlens: torch.Tensor, BT: int, device) -> tuple[tuple[tor
     return (table(offsets), idx, table(fwd_order), table(bwd_order)), len(pairs), empty
 
 
-def _chain_sync(n_chunks: int, H: int, device) -> torch.Tensor:
-    """Zeroed int32 ticket counter + one ready flag per (chunk, head) for a chained kernel launch."""
-    return torch.zeros(1 + n_chunks * H, dtype=torch.int32, device=device)
+def _chain_sync(n_chunks: int, H: int, device, lookahead: bool = False) -> torch.Tensor:
+    """Zeroed int32 ticket counter + one ready flag per (chunk, head) for a chained kernel launch (two with
+    ``lookahead``: the second says that the chunk's transition is in the lookahead buffer)."""
+    return torch.zeros(1 + (2 if lookahead else 1) * n_chunks * H, dtype=torch.int32, device=device)
+
+
+def _chain_lookahead(n_seq: int, H: int, n_chunks: int, K: int, V: int, device) -> torch.Tensor | None:
+    """The lookahead buffer of the chained kernels ([n_chunks, H, 2, K, V] fp32: each chunk's transition), or None
+    (no lookahead). ``RWKV7_WKV_CHAIN_LOOKAHEAD``: "1" / "0" forces it on / off; by default it is on when there
+    are at most :data:`LOOKAHEAD_MAX_CHAINS` chains (sequences x heads), where the chain, not the parallel work,
+    sets the time (see "Lookahead" above)."""
+    env = os.environ.get("RWKV7_WKV_CHAIN_LOOKAHEAD")
+    on = env == "1" if env in ("0", "1") else n_seq * H <= LOOKAHEAD_MAX_CHAINS
+    if not on or K != V or n_chunks == 0:
+        return None
+    return torch.empty(n_chunks, H, 2, K, V, dtype=torch.float32, device=device)
 
 
 class _WKV7Function(torch.autograd.Function):
@@ -1196,9 +1275,10 @@ class _WKV7Function(torch.autograd.Function):
             # chunk: 1/4 of the chunk states at BT = 32, K = 64), which then need not form it again.
             inv = torch.empty(n_chunks, H, BT, BT, **f32) if need_grad else None
             if n_chunks:
+                la = _chain_lookahead(n_seq, H, n_chunks, K, V, r.device)
                 _chain_fwd_kernel[(n_chunks * H,)](
-                    r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, _chain_sync(n_chunks, H, r.device), fwd_order,
-                    cu_seqlens, chunk_indices, seq_T, n_seq, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
+                    r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, la, _chain_sync(n_chunks, H, r.device, la is not None),
+                    fwd_order, cu_seqlens, chunk_indices, seq_T, n_seq, n_chunks * H, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
                     STORE_FINAL=output_final_state, PREC=_dot_precision(dtype), TRANS_PREC=_transition_dot_precision(dtype),
                     SCAN_PREC=_scan_precision(dtype), W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
                 )
@@ -1271,9 +1351,11 @@ class _WKV7Function(torch.autograd.Function):
             handover = dstates if dstates is not None else torch.empty(n_chunks, H, K, V, dtype=torch.float32,
                                                                        device=r.device)
             if n_chunks:
+                la = _chain_lookahead(n_seq, H, n_chunks, K, V, r.device)
                 _chain_bwd_kernel[(n_chunks * H,)](
-                    r, w, k, v, a, b, w_bias, do, dht, dh0, handover, states, dv, U, DX, inv,
-                    _chain_sync(n_chunks, H, r.device), bwd_order, cu_seqlens, chunk_indices, seq_T, n_seq, **common,
+                    r, w, k, v, a, b, w_bias, do, dht, dh0, handover, states, dv, U, DX, inv, la,
+                    _chain_sync(n_chunks, H, r.device, la is not None), bwd_order, cu_seqlens, chunk_indices, seq_T,
+                    n_seq, n_chunks * H, **common,
                     LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec, SCAN_PREC=_scan_precision(r.dtype),
                     W_LOGIT=w_bias is not None, WITH_DV=with_dv, GRAD_PREC=grad_prec, num_warps=_parallel_warps(BT, K),
                 )

@@ -159,12 +159,15 @@ def test_fused_cross_entropy_on_gpu_matches_torch(dtype):
     assert err < tol, err
 
 
-def test_chained_kernels_are_deterministic():
+@pytest.mark.parametrize("lookahead", ["0", "1"])
+def test_chained_kernels_are_deterministic(lookahead, monkeypatch):
     """Each chained program takes its chunk's start state (or end-state gradient) from the program of the chunk
     before, through memory, with an acquire/release flag: a missed ordering would read a stale state. The
-    computation is deterministic, so 10 repeats of forward + backward must agree bitwise (2000 tokens, 16 heads)."""
+    computation is deterministic, so 10 repeats of forward + backward must agree bitwise (2000 tokens, 16 heads),
+    with and without the lookahead (two flags per chunk, states two hops back)."""
     from rwkv7_kernels.triton_wkv7 import wkv7_triton
 
+    monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", lookahead)
     g = torch.Generator("cuda").manual_seed(0)
     B, T, H, K = 2, 2000, 8, 64
     r, k, v, d, do = (torch.randn(B, T, H, K, device="cuda", generator=g).to(torch.bfloat16) for _ in range(5))

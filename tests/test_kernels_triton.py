@@ -209,9 +209,32 @@ def test_chain_orders_never_wait_on_a_later_ticket():
         assert sorted(order) == list(range(n_chunks))
         rank = {(pairs[i]): r for r, i in enumerate(order)}
         for (n, c), r in rank.items():
-            pred = (n, c + step)
-            if pred in rank:
-                assert rank[pred] < r, (n, c, "waits on a later ticket")
+            for hops in (1, 2):  # with the lookahead a chunk also waits on the chunk two before it in its chain
+                pred = (n, c + hops * step)
+                if pred in rank:
+                    assert rank[pred] < r, (n, c, "waits on a later ticket")
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_lookahead_hands_on_the_same_states(varlen, monkeypatch):
+    """The chained kernels' lookahead (``RWKV7_WKV_CHAIN_LOOKAHEAD``: some programs form their start state from
+    the state two chunks back and the published transition of the chunk between) gives exactly the outputs,
+    states and gradients of the plain chain (the interpreter runs the same products in the same order), for
+    fixed-length and packed sequences of odd and even chunk counts; and it is the default only for few chains."""
+    from rwkv7_kernels import triton_wkv7
+
+    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
+    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 200, 2, 64, torch.bfloat16, seed=3)
+    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(4)) * 0.3
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", flag)
+        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    assert all(torch.equal(x, y) for x, y in zip(runs["0"], runs["1"]))
+    monkeypatch.delenv("RWKV7_WKV_CHAIN_LOOKAHEAD")
+    chains = triton_wkv7.LOOKAHEAD_MAX_CHAINS
+    assert triton_wkv7._chain_lookahead(chains, 1, 4, 64, 64, "cpu") is not None
+    assert triton_wkv7._chain_lookahead(chains + 1, 1, 4, 64, 64, "cpu") is None
 
 
 def test_forward_only_and_dispatch():
