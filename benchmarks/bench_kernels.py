@@ -321,7 +321,8 @@ def main():
     for s in result["shapes"]:
         for name, r in s["variants"].items():
             log(f"{'x'.join(map(str, s['shape'])):18s} {name:12s} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:10.3f} "
-                f"{r['fwd_bwd_GBps']:9.0f}  {r['err_o']:.1e}  {r['err_ht']:.1e}  {r['err_dh0']:.1e}  {r['err_grads_max']:.1e}")
+                f"{r['fwd_bwd_GBps']:9.0f}  {r['err_o']:.1e}  {r['err_ht']:.1e}  {r['err_dh0']:.1e}  "
+                f"{r['err_grads_max']:.1e}")
         if s.get("ratio_fwd_bwd") is not None:
             log(f"{'':18s} ratio (best ours / fla): fwd {s['ratio_fwd']:.2f}  fwd+bwd {s['ratio_fwd_bwd']:.2f}")
 

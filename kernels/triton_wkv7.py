@@ -372,7 +372,7 @@ def _fwd_kernel(
 # it; every program still hands its own end state on (the backward restarts from them, and position 1 needs
 # position 0's). A program waits only on the two programs before it in its chain, which got earlier tickets, and
 # publishes before it waits: no deadlock. The cost (a 32 KB store and a release per even program, one more
-# product per odd one, a transient [n_chunks, H, 2, K, V] buffer) is a loss where there are enough chains to keep
+# product per odd one, a transient [n_chunks / 2, H, 2, K, V] buffer) is a loss where there are enough chains to keep
 # the GPU busy. H100 (benchmarks/results/ab_kernels_lookahead_h100.log), with / without: (1, 16384, 32) forward
 # 1.41 -> 1.11 ms, forward + backward 4.21 -> 3.81 ms; (3, 8192, 16) (48 chains): forward 0.75 = 0.75, fwd+bwd
 # 2.56 -> 2.71; (2, 8192, 32) and (8, 4096, 12): slower (0.88 -> 0.99 and 0.66 -> 0.75 ms forward). Publishing
@@ -472,10 +472,18 @@ def _chain_take(flag, ptr, offs):
 
 
 @triton.jit
-def _chain_publish_early(LA, sync, n_flags, cbase, Mm, Cm, soffs, K: tl.constexpr, V: tl.constexpr):
+def _la_slot(cbase, H: tl.constexpr):
+    """Slot of (chunk, head) ``cbase`` in the lookahead buffer: only chunks at even positions of their chain (from
+    2 on) publish, and two such chunks are never adjacent in the global chunk numbering (adjacent chunks of one
+    sequence differ in parity; a sequence's last / first chunk never publishes), so chunk // 2 is unique among them."""
+    return (cbase // H) // 2 * H + cbase % H
+
+
+@triton.jit
+def _chain_publish_early(LA, sync, n_flags, cbase, Mm, Cm, soffs, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
     """Lookahead: store this chunk's transition (``Mm``: P, [K, K] with K == V; ``Cm``: its offset, [K, V]) for
     the next program in the chain, and flag it (``sync[1 + n_flags + chunk*H + head]``)."""
-    base = LA + cbase * (2 * K * V)
+    base = LA + _la_slot(cbase, H) * (2 * K * V)
     tl.store(base + soffs, Mm)
     tl.store(base + K * V + soffs, Cm)
     _chain_signal(sync + 1 + n_flags + cbase)
@@ -483,13 +491,13 @@ def _chain_publish_early(LA, sync, n_flags, cbase, Mm, Cm, soffs, K: tl.constexp
 
 @triton.jit
 def _chain_take_ahead(LA, sync, n_flags, hand, prev, soffs, SCAN_PREC: tl.constexpr, TRANSPOSE: tl.constexpr,
-                      K: tl.constexpr, V: tl.constexpr):
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
     """Lookahead: this chunk's start state (backward: end-state gradient) from two hops back, carried through
     the previous chunk's published transition: ``M h_prev + C`` (``M^T`` when ``TRANSPOSE``). ``prev`` is the
     previous chunk's (chunk, head) index; ``hand`` the hand-over buffer holding its start state."""
     h_prev = _chain_take(sync + 1 + prev, hand, prev * (K * V) + soffs)
     _chain_wait(sync + 1 + n_flags + prev)
-    base = LA + prev * (2 * K * V)
+    base = LA + _la_slot(prev, H) * (2 * K * V)
     Mm = tl.load(base + soffs, cache_modifier=".cg")
     if TRANSPOSE:
         Mm = tl.trans(Mm)
@@ -508,8 +516,8 @@ def _chain_fwd_kernel(
 
     ``states`` ([n_chunks, H, K, V] fp32) is both the hand-over buffer and what the backward restarts
     each chunk from. ``sync`` is int32 zeros: ``sync[0]`` deals the tickets, ``sync[1 + chunk*H + head]``
-    says that chunk's start state is in ``states``. ``LA``: None, or the lookahead buffer ([n_chunks, H, 2, K, V]
-    fp32; its flags follow the others in ``sync``, ``n_flags`` = n_chunks * H), see "Lookahead" above.
+    says that chunk's start state is in ``states``. ``LA``: None, or the lookahead buffer (:func:`_chain_lookahead`;
+    its flags follow the others in ``sync``, ``n_flags`` = n_chunks * H), see "Lookahead" above.
     """
     ticket = tl.atomic_add(sync, 1)  # chunk order follows start order: see "Chained kernels" above
     i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
@@ -529,13 +537,13 @@ def _chain_fwd_kernel(
     soffs = _state_offsets(K, V, 0, V)
     if LA is not None:
         if (pos % 2 == 0) & (pos >= 2) & (nv > BT):  # the next chunk's program forms its start state from our P, C
-            _chain_publish_early(LA, sync, n_flags, cbase, Pm, Cm, soffs, K, V)
+            _chain_publish_early(LA, sync, n_flags, cbase, Pm, Cm, soffs, H, K, V)
     if first:
         h = _load_state_block(h0, i_n * H + i_h, i_h, soffs, K, V, V, HAS_H0, H0_BCAST)
         tl.store(states + cbase * (K * V) + soffs, h)
     elif LA is not None:
         if (pos % 2 == 1) & (pos >= 3):
-            h = _chain_take_ahead(LA, sync, n_flags, states, cbase - H, soffs, SCAN_PREC, False, K, V)
+            h = _chain_take_ahead(LA, sync, n_flags, states, cbase - H, soffs, SCAN_PREC, False, H, K, V)
         else:
             h = _chain_take(sync + 1 + cbase, states, cbase * (K * V) + soffs)
     else:
@@ -554,8 +562,8 @@ def _chain_fwd_kernel(
 @triton.jit
 def _chain_bwd_kernel(
     r, w, k, v, a, b, w_bias, do, dht, dh0, dstates, states, dv, U, DX, INV, LA, sync, order, cu_seqlens,
-    chunk_indices, T, n_seq, n_flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
+    chunk_indices, T, n_seq, n_flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    LOG2_BT: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
     W_LOGIT: tl.constexpr, WITH_DV: tl.constexpr, GRAD_PREC: tl.constexpr,
 ):
     """The forward's chain transposed, last chunk first: form P and ``R^T do``, take the gradient of the
@@ -575,13 +583,13 @@ def _chain_bwd_kernel(
     soffs = _state_offsets(K, V, 0, V)
     if LA is not None:
         if (pos % 2 == 0) & (pos >= 2) & (~first):  # the chunk before forms its end-state gradient from ours
-            _chain_publish_early(LA, sync, n_flags, cbase, Pm, dC, soffs, K, V)
+            _chain_publish_early(LA, sync, n_flags, cbase, Pm, dC, soffs, H, K, V)
     if last:
         dh = _load_state_block(dht, i_n * H + i_h, i_h, soffs, K, V, V, HAS_DHT, False)
         tl.store(dstates + cbase * (K * V) + soffs, dh)
     elif LA is not None:
         if (pos % 2 == 1) & (pos >= 3):
-            dh = _chain_take_ahead(LA, sync, n_flags, dstates, cbase + H, soffs, SCAN_PREC, True, K, V)
+            dh = _chain_take_ahead(LA, sync, n_flags, dstates, cbase + H, soffs, SCAN_PREC, True, H, K, V)
         else:
             dh = _chain_take(sync + 1 + cbase, dstates, cbase * (K * V) + soffs)
     else:
@@ -1219,15 +1227,15 @@ def _chain_sync(n_chunks: int, H: int, device, lookahead: bool = False) -> torch
 
 
 def _chain_lookahead(n_seq: int, H: int, n_chunks: int, K: int, V: int, device) -> torch.Tensor | None:
-    """The lookahead buffer of the chained kernels ([n_chunks, H, 2, K, V] fp32: each chunk's transition), or None
-    (no lookahead). ``RWKV7_WKV_CHAIN_LOOKAHEAD``: "1" / "0" forces it on / off; by default it is on when there
-    are at most :data:`LOOKAHEAD_MAX_CHAINS` chains (sequences x heads), where the chain, not the parallel work,
-    sets the time (see "Lookahead" above)."""
+    """The lookahead buffer of the chained kernels ([ceil(n_chunks / 2), H, 2, K, V] fp32: the transitions of the
+    chunks at even positions, see :func:`_la_slot`), or None (no lookahead). ``RWKV7_WKV_CHAIN_LOOKAHEAD``: "1" /
+    "0" forces it on / off; by default it is on when there are at most :data:`LOOKAHEAD_MAX_CHAINS` chains
+    (sequences x heads), where the chain, not the parallel work, sets the time (see "Lookahead" above)."""
     env = os.environ.get("RWKV7_WKV_CHAIN_LOOKAHEAD")
     on = env == "1" if env in ("0", "1") else n_seq * H <= LOOKAHEAD_MAX_CHAINS
     if not on or K != V or n_chunks == 0:
         return None
-    return torch.empty(n_chunks, H, 2, K, V, dtype=torch.float32, device=device)
+    return torch.empty((n_chunks + 1) // 2, H, 2, K, V, dtype=torch.float32, device=device)
 
 
 class _WKV7Function(torch.autograd.Function):
@@ -1277,10 +1285,12 @@ class _WKV7Function(torch.autograd.Function):
             if n_chunks:
                 la = _chain_lookahead(n_seq, H, n_chunks, K, V, r.device)
                 _chain_fwd_kernel[(n_chunks * H,)](
-                    r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, la, _chain_sync(n_chunks, H, r.device, la is not None),
-                    fwd_order, cu_seqlens, chunk_indices, seq_T, n_seq, n_chunks * H, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
-                    STORE_FINAL=output_final_state, PREC=_dot_precision(dtype), TRANS_PREC=_transition_dot_precision(dtype),
-                    SCAN_PREC=_scan_precision(dtype), W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
+                    r, w, k, v, a, b, w_bias, o, h0_f, ht, states, inv, la,
+                    _chain_sync(n_chunks, H, r.device, la is not None), fwd_order, cu_seqlens, chunk_indices, seq_T,
+                    n_seq, n_chunks * H, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
+                    STORE_FINAL=output_final_state, PREC=_dot_precision(dtype),
+                    TRANS_PREC=_transition_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
+                    W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
                 )
             if empty and ht is not None:  # sequences without tokens: no program; their final state is h0
                 ht[empty] = 0.0 if h0_f is None else h0_f[[0] * len(empty) if h0_flags["H0_BCAST"] else empty]

@@ -213,6 +213,20 @@ def test_chain_orders_never_wait_on_a_later_ticket():
                 pred = (n, c + hops * step)
                 if pred in rank:
                     assert rank[pred] < r, (n, c, "waits on a later ticket")
+    # The lookahead's buffer slot of a publishing chunk (even position >= 2 of its chain, not its chain's last) is
+    # its global index // 2 (_la_slot): unique among the publishers of each direction (sequences of odd and even
+    # chunk counts starting at odd and even global chunks).
+    cu = torch.tensor([0, 5, 205, 238, 538, 635, 699, 828, 1078])
+    (_, pairs, _, _), _, _ = _varlen_tables(cu, 32, "cpu")
+    pairs = [tuple(p) for p in pairs.tolist()]
+    counts = [sum(1 for n, _ in pairs if n == s) for s in range(len(cu) - 1)]
+    for from_end in (False, True):
+        slots = []
+        for g, (n, c) in enumerate(pairs):
+            pos = counts[n] - 1 - c if from_end else c
+            if pos >= 2 and pos % 2 == 0 and pos < counts[n] - 1:
+                slots.append(g // 2)
+        assert len(slots) >= 8 and len(slots) == len(set(slots))
 
 
 @pytest.mark.parametrize("varlen", [False, True])
