@@ -505,6 +505,32 @@ def _chain_take_ahead(LA, sync, n_flags, hand, prev, soffs, SCAN_PREC: tl.conste
 
 
 @triton.jit
+def _chain_receive(LA, sync, n_flags, hand, cbase, prev, pos, at_start, may_publish, Mm, Cm, src, src_row, i_h, soffs,
+                   HAS_SRC: tl.constexpr, SRC_BCAST: tl.constexpr, TRANSPOSE: tl.constexpr, SCAN_PREC: tl.constexpr,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """What a chained program starts from: its chunk's start state (forward) or end-state gradient (backward,
+    ``TRANSPOSE``), kept in the hand-over buffer ``hand`` at ``cbase``. At the chain's start (``at_start``) it
+    comes from ``src`` (h0 / dht; zeros without) and is stored to ``hand``; else from the chunk before in the
+    chain (``prev``): its flag, or with the lookahead (``LA``) at odd positions from 3 on, two hops back through
+    ``prev``'s published transition. With the lookahead, a program at an even position from 2 on first publishes
+    its own transition (``Mm``, ``Cm``) when there is a next chunk (``may_publish``)."""
+    if LA is not None:
+        if (pos % 2 == 0) & (pos >= 2) & may_publish:
+            _chain_publish_early(LA, sync, n_flags, cbase, Mm, Cm, soffs, H, K, V)
+    if at_start:
+        x = _load_state_block(src, src_row, i_h, soffs, K, V, V, HAS_SRC, SRC_BCAST)
+        tl.store(hand + cbase * (K * V) + soffs, x)
+    elif LA is not None:
+        if (pos % 2 == 1) & (pos >= 3):
+            x = _chain_take_ahead(LA, sync, n_flags, hand, prev, soffs, SCAN_PREC, TRANSPOSE, H, K, V)
+        else:
+            x = _chain_take(sync + 1 + cbase, hand, cbase * (K * V) + soffs)
+    else:
+        x = _chain_take(sync + 1 + cbase, hand, cbase * (K * V) + soffs)
+    return x
+
+
+@triton.jit
 def _chain_fwd_kernel(
     r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, LA, sync, order, cu_seqlens, chunk_indices, T, n_seq, n_flags,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
@@ -535,19 +561,8 @@ def _chain_fwd_kernel(
     Om += _dot(A_rb, U0, PREC)
 
     soffs = _state_offsets(K, V, 0, V)
-    if LA is not None:
-        if (pos % 2 == 0) & (pos >= 2) & (nv > BT):  # the next chunk's program forms its start state from our P, C
-            _chain_publish_early(LA, sync, n_flags, cbase, Pm, Cm, soffs, H, K, V)
-    if first:
-        h = _load_state_block(h0, i_n * H + i_h, i_h, soffs, K, V, V, HAS_H0, H0_BCAST)
-        tl.store(states + cbase * (K * V) + soffs, h)
-    elif LA is not None:
-        if (pos % 2 == 1) & (pos >= 3):
-            h = _chain_take_ahead(LA, sync, n_flags, states, cbase - H, soffs, SCAN_PREC, False, H, K, V)
-        else:
-            h = _chain_take(sync + 1 + cbase, states, cbase * (K * V) + soffs)
-    else:
-        h = _chain_take(sync + 1 + cbase, states, cbase * (K * V) + soffs)
+    h = _chain_receive(LA, sync, n_flags, states, cbase, cbase - H, pos, first, nv > BT, Pm, Cm, h0, i_n * H + i_h,
+                       i_h, soffs, HAS_H0, H0_BCAST, False, SCAN_PREC, H, K, V)
     h_end = _dot(Pm, h, SCAN_PREC) + Cm
     if last:
         if STORE_FINAL:
@@ -581,19 +596,8 @@ def _chain_bwd_kernel(
     dC = _dot(tl.trans(Rm), do_c, PREC)
 
     soffs = _state_offsets(K, V, 0, V)
-    if LA is not None:
-        if (pos % 2 == 0) & (pos >= 2) & (~first):  # the chunk before forms its end-state gradient from ours
-            _chain_publish_early(LA, sync, n_flags, cbase, Pm, dC, soffs, H, K, V)
-    if last:
-        dh = _load_state_block(dht, i_n * H + i_h, i_h, soffs, K, V, V, HAS_DHT, False)
-        tl.store(dstates + cbase * (K * V) + soffs, dh)
-    elif LA is not None:
-        if (pos % 2 == 1) & (pos >= 3):
-            dh = _chain_take_ahead(LA, sync, n_flags, dstates, cbase + H, soffs, SCAN_PREC, True, H, K, V)
-        else:
-            dh = _chain_take(sync + 1 + cbase, dstates, cbase * (K * V) + soffs)
-    else:
-        dh = _chain_take(sync + 1 + cbase, dstates, cbase * (K * V) + soffs)
+    dh = _chain_receive(LA, sync, n_flags, dstates, cbase, cbase + H, pos, last, ~first, Pm, dC, dht, i_n * H + i_h,
+                        i_h, soffs, HAS_DHT, False, True, SCAN_PREC, H, K, V)
     dh_start = _dot(tl.trans(Pm), dh, SCAN_PREC) + dC
     if first:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * (K * V) + soffs, dh_start)
