@@ -804,6 +804,12 @@ def _bwd_grad_kernel(
 #     dA_ab = dx u^T, drg = do h0^T, dag = dx h0^T, dkt = v dhe^T, dbt = u dhe^T, d_end), holding only
 #     the accumulators (4 [BT, BT] + 4 [BT, BK]) and that block's loads; the gated tiles are
 #     recomputed *after* the loop (reloading r, w, k, a, b) to finish dr, dk, da, db and dw.
+#     The products are taken on row-stacked tiles (``_stack_rows``): X = [do; dx] and Y = [v; u] make the
+#     four dA products one [2 BT, 2 BT] product X Y^T (its quadrants), the four state products two
+#     ([drg; dag] = X h0^T, [dkt; dbt] = Y dhe^T), and after the loop [drg; dag] += dA [kn; bn] and
+#     [dkn; dbn] = dA^T [rg; ag]: 5 + 2 products of 2 BT = 64 rows instead of 8 + 8 of 32. H100, same
+#     process (benchmarks/results/ab_kernels_stacked_kgrad_h100.log): 0.96 -> 0.81 ms at (8, 4096, 12, 64),
+#     1.28 -> 1.08 at (4, 4096, 32, 64); ptxas spills 476 -> 272 bytes.
 #
 # Why u and dx go through scratch rather than per-V-block partial sums of the dA / [BT, K]
 # accumulators: the partials would be 4 BT^2 + 4 BT K + K floats per V-block and chunk (12 K floats
@@ -876,6 +882,18 @@ def _bwd_dv_kernel(
 
 
 @triton.jit
+def _stack_rows(x, y):
+    """``[x; y]``: two [M, N] tiles stacked along rows ([2 M, N])."""
+    return tl.reshape(tl.permute(tl.join(x, y), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
+
+
+@triton.jit
+def _split_rows(z, M: tl.constexpr, N: tl.constexpr):
+    """The top and bottom [M, N] halves of a [2 M, N] tile."""
+    return tl.split(tl.permute(tl.reshape(z, (2, M, N)), (1, 2, 0)))
+
+
+@triton.jit
 def _bwd_kgrad_kernel(
     r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
@@ -899,31 +917,29 @@ def _bwd_kgrad_kernel(
     rows = tl.arange(0, BT)
     cbase = i_c.to(tl.int64) * H + i_h
 
-    dA_rk, dA_rb, dA_ak, dA_ab, drg, dag, dkt, dbt, d_end = _grad_accumulators(BT, BK)
+    # Stacked operands: X = [do; dx], Y = [v; u] ([2 BT, BV]), so that the four dA products are one [2 BT, 2 BT]
+    # product (quadrants dA_rk, dA_rb / dA_ak, dA_ab) and the four state products two (tiles of 2 BT rows: the
+    # M = 64 that wgmma wants at BT = 32).
+    dA = tl.zeros([2 * BT, 2 * BT], dtype=tl.float32)
+    XH = tl.zeros([2 * BT, BK], dtype=tl.float32)  # [drg; dag]
+    YE = tl.zeros([2 * BT, BK], dtype=tl.float32)  # [dkt; dbt]
+    d_end = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, V // BV):
         col0 = i_v * BV
         soffs = krows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]  # rows kcol0.. of the [K, V] state
         xoffs = cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
-        v_c = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
-        do_c = _load_tile(do, t0, nv, i_h, H, V, col0, BT, BV)
-        u = tl.load(U + xoffs)
-        dx = tl.load(DX + xoffs)
+        X = _stack_rows(_load_tile(do, t0, nv, i_h, H, V, col0, BT, BV), tl.load(DX + xoffs))
+        Y = _stack_rows(_load_tile(v, t0, nv, i_h, H, V, col0, BT, BV), tl.load(U + xoffs))
         h0 = tl.load(states + cbase * (K * V) + soffs)
         dhe = tl.load(dstates + cbase * (K * V) + soffs)
-        dA_rk = _dot_acc(do_c, tl.trans(v_c), dA_rk, PREC)
-        dA_rb = _dot_acc(do_c, tl.trans(u), dA_rb, PREC)
-        dA_ak = _dot_acc(dx, tl.trans(v_c), dA_ak, PREC)
-        dA_ab = _dot_acc(dx, tl.trans(u), dA_ab, PREC)  # d(I-A)^-1 folded in (see fused)
-        drg = _dot_acc(do_c, tl.trans(h0), drg, PREC_LO)
-        dag = _dot_acc(dx, tl.trans(h0), dag, PREC_LO)
-        dkt = _dot_acc(v_c, tl.trans(dhe), dkt, PREC_LO)
-        dbt = _dot_acc(u, tl.trans(dhe), dbt, PREC_LO)
+        dA = _dot_acc(X, tl.trans(Y), dA, PREC)  # d(I-A)^-1 folded into dA_ab (see fused)
+        XH = _dot_acc(X, tl.trans(h0), XH, PREC_LO)  # the state outer products: see _grad_dot_precisions
+        YE = _dot_acc(Y, tl.trans(dhe), YE, PREC_LO)
         d_end += tl.sum(dhe * h0, axis=1)
 
-    dA_rk = tl.where(rows[:, None] >= rows[None, :], dA_rk, 0.0)
-    dA_rb = tl.where(rows[:, None] >= rows[None, :], dA_rb, 0.0)
-    dA_ak = tl.where(rows[:, None] > rows[None, :], dA_ak, 0.0)
-    dA_ab = tl.where(rows[:, None] > rows[None, :], dA_ab, 0.0)
+    r2 = tl.arange(0, 2 * BT)
+    ii, jj = r2[:, None] % BT, r2[None, :] % BT
+    dA = tl.where(tl.where(r2[:, None] < BT, ii >= jj, ii > jj), dA, 0.0)  # causal dA_rk, dA_rb; strict dA_ak, dA_ab
 
     g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, kcol0, BT, BK, W_LOGIT))
     e_neg = tl.exp(-g)
@@ -931,24 +947,20 @@ def _bwd_kgrad_kernel(
     bn = _load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * e_neg
     rg = _load_tile(r, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(g)
     ag = _load_tile(a, t0, nv, i_h, H, K, kcol0, BT, BK) * tl.exp(gp)
-    drg += _dot(dA_rk, kn, PREC) + _dot(dA_rb, bn, PREC)
+    drg, dag = _split_rows(_dot_acc(dA, _stack_rows(kn, bn), XH, PREC), BT, BK)  # += dA_r* [kn; bn], dA_a* [kn; bn]
+    dkn, dbn = _split_rows(_dot(tl.trans(dA), _stack_rows(rg, ag), PREC), BT, BK)  # dA_*k^T, dA_*b^T [rg; ag]
+    dkt, dbt = _split_rows(YE, BT, BK)
     _store_tile(dr, drg * tl.exp(g), t0, nv, i_h, H, K, kcol0, BT, BK)
-    dg = drg * rg
-    dag += _dot(dA_ak, kn, PREC) + _dot(dA_ab, bn, PREC)
     _store_tile(da, dag * tl.exp(gp), t0, nv, i_h, H, K, kcol0, BT, BK)
     dgp = dag * ag
 
     # Gradients with respect to g_i, gp_i and g_last, then dw as in _bwd_grad_kernel.
     tail = tl.exp(g_last[None, :] - g)
-    dkn = _dot(tl.trans(dA_rk), rg, PREC) + _dot(tl.trans(dA_ak), ag, PREC)
     _store_tile(dk, dkn * e_neg + dkt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
-    dg = dg - dkn * kn
-    tail_terms = dkt * (_load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
-    dbn = _dot(tl.trans(dA_rb), rg, PREC) + _dot(tl.trans(dA_ab), ag, PREC)
     _store_tile(db, dbn * e_neg + dbt * tail, t0, nv, i_h, H, K, kcol0, BT, BK)
-    dg = dg - dbn * bn
+    tail_terms = dkt * (_load_tile(k, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
     tail_terms += dbt * (_load_tile(b, t0, nv, i_h, H, K, kcol0, BT, BK) * tail)
-    dg = dg - tail_terms
+    dg = drg * rg - dkn * kn - dbn * bn - tail_terms
     dg_last = tl.sum(tail_terms, axis=0) + d_end * tl.exp(g_last)
     both = dg + dgp
     rev_cumsum = tl.sum(both, axis=0)[None, :] - tl.cumsum(both, axis=0) + both
