@@ -579,13 +579,14 @@ def _chain_bwd_kernel(
     r, w, k, v, a, b, w_bias, do, dht, dh0, dstates, states, dv, U, DX, INV, LA, sync, order, cu_seqlens,
     chunk_indices, T, n_seq, n_flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     LOG2_BT: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SCAN_PREC: tl.constexpr,
-    W_LOGIT: tl.constexpr, WITH_DV: tl.constexpr, GRAD_PREC: tl.constexpr,
+    W_LOGIT: tl.constexpr, WITH_DV: tl.constexpr, GRAD_PREC: tl.constexpr, STORE_U: tl.constexpr,
 ):
     """The forward's chain transposed, last chunk first: form P and ``R^T do``, take the gradient of the
     chunk's end state from its successor (``dstates``, kept for the input-gradient kernels), hand
     ``P^T dh + R^T do`` on to the chunk before (or to ``dh0``). ``WITH_DV``: then, off the chain, the work
-    of ``_bwd_dv_kernel`` for this chunk (all of V), from the tiles already formed: ``dv``, and ``u``, ``dx``
-    to scratch for ``_bwd_kgrad_kernel``."""
+    of ``_bwd_dv_kernel`` for this chunk (all of V), from the tiles already formed: ``dv``, and ``dx`` (and
+    ``u`` when ``STORE_U``; else ``_bwd_kgrad_kernel`` forms it, see "Where u is formed" there) to scratch for
+    ``_bwd_kgrad_kernel``."""
     ticket = tl.atomic_add(sync, 1)
     i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
                                                             BT, IS_VARLEN, True)
@@ -608,11 +609,12 @@ def _chain_bwd_kernel(
         k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
         kn = k_c * e_neg
         A_ak = _masked_dot_t(ag, kn, True, BT, GRAD_PREC)
-        v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
-        h_start = tl.load(states + cbase * (K * V) + soffs)
-        u = _dot(inv, _dot(A_ak, v_c, GRAD_PREC) + _dot(ag, h_start, GRAD_PREC), GRAD_PREC)
         xoffs = cbase * (BT * V) + tl.arange(0, BT)[:, None] * V + tl.arange(0, V)[None, :]
-        tl.store(U + xoffs, u)
+        if STORE_U:
+            v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
+            h_start = tl.load(states + cbase * (K * V) + soffs)
+            u = _dot(inv, _dot(A_ak, v_c, GRAD_PREC) + _dot(ag, h_start, GRAD_PREC), GRAD_PREC)
+            tl.store(U + xoffs, u)
         du = _dot(tl.trans(A_rb), do_c, GRAD_PREC) + _dot(bt, dh, GRAD_PREC)
         dx = _dot(tl.trans(inv), du, GRAD_PREC)
         tl.store(DX + xoffs, dx)
@@ -893,14 +895,25 @@ def _split_rows(z, M: tl.constexpr, N: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(z, (2, M, N)), (1, 2, 0)))
 
 
+# Where u is formed. u = T (A_ak v + ag h0) needs the chunk's start state, which the K-side kernel loads anyway
+# (for ``[do; dx] h0^T``), while the chained backward would load it only for u. So where the chained backward's
+# time is its parallel work (many chains, no lookahead), the K-side kernel forms u per V-block (``FORM_U``, all
+# of K in one program) and the chained backward stores only dx: no u scratch, the state loaded once. H100,
+# same process (benchmarks/results/ab_kernels_u_in_kgrad2_h100.log): (8, 4096, 12) chained backward 0.83 ->
+# 0.68 ms, K-side 0.83 -> 0.89 (V-block 64; 32 gave 1.07), fwd+bwd 2.32 -> 2.24; (4, 4096, 32) 3.06 -> 2.96. With
+# the lookahead (few chains, chain-bound) the chained backward got slower instead, (1, 16384, 32) 1.44 -> 1.73 ms,
+# so there the chained backward keeps forming u.
+
+
 @triton.jit
 def _bwd_kgrad_kernel(
-    r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
+    r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, INV, dr, dw, dk, da, db, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr, W_LOGIT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, PREC_LO: tl.constexpr, W_LOGIT: tl.constexpr, FORM_U: tl.constexpr,
 ):
     """One program = K-columns ``[i_k*BK, ..)`` of one chunk of one head: dr, dk, da, db, dw from u
-    and dx (``_bwd_dv_kernel``).
+    and dx (``_bwd_dv_kernel``). ``FORM_U`` (needs ``BK == K`` and ``INV``): u is formed here, not read from
+    ``U`` (see "Where u is formed" above).
 
     Same formulas as ``_bwd_grad_kernel``; only the order differs: first every reduction over V (the
     loop holds just the accumulators), then the gated tiles, recomputed after the loop. Every K-side
@@ -924,13 +937,23 @@ def _bwd_kgrad_kernel(
     XH = tl.zeros([2 * BT, BK], dtype=tl.float32)  # [drg; dag]
     YE = tl.zeros([2 * BT, BK], dtype=tl.float32)  # [dkt; dbt]
     d_end = tl.zeros([BK], dtype=tl.float32)
+    if FORM_U:  # the loop-invariant factors of u = T (A_ak v + ag h0)
+        g0, gp0, _ = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
+        ag0 = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp0)
+        A_ak = _masked_dot_t(ag0, _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(-g0), True, BT, PREC)
+        inv = tl.load(INV + _inverse_offsets(cbase, BT))
     for i_v in range(0, V // BV):
         col0 = i_v * BV
         soffs = krows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]  # rows kcol0.. of the [K, V] state
         xoffs = cbase * (BT * V) + rows[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
         X = _stack_rows(_load_tile(do, t0, nv, i_h, H, V, col0, BT, BV), tl.load(DX + xoffs))
-        Y = _stack_rows(_load_tile(v, t0, nv, i_h, H, V, col0, BT, BV), tl.load(U + xoffs))
         h0 = tl.load(states + cbase * (K * V) + soffs)
+        v_b = _load_tile(v, t0, nv, i_h, H, V, col0, BT, BV)
+        if FORM_U:
+            u_b = _dot(inv, _dot(A_ak, v_b, PREC) + _dot(ag0, h0, PREC), PREC)
+        else:
+            u_b = tl.load(U + xoffs)
+        Y = _stack_rows(v_b, u_b)
         dhe = tl.load(dstates + cbase * (K * V) + soffs)
         dA = _dot_acc(X, tl.trans(Y), dA, PREC)  # d(I-A)^-1 folded into dA_ab (see fused)
         XH = _dot_acc(X, tl.trans(h0), XH, PREC_LO)  # the state outer products: see _grad_dot_precisions
@@ -1091,6 +1114,12 @@ def _transition_dot_precision(dtype: torch.dtype) -> str:
     return env or ("bf16" if prec == "tf32" else prec)
 
 
+def _kgrad_forms_u() -> bool:
+    """``RWKV7_WKV_KGRAD_FORMS_U`` ("1" by default, "0" off): let the K-side kernel form u where it pays (see
+    "Where u is formed")."""
+    return os.environ.get("RWKV7_WKV_KGRAD_FORMS_U", "1") != "0"
+
+
 #: Most chains (sequences x heads) for which the chained kernels hand states on two chunks at a time (lookahead).
 LOOKAHEAD_MAX_CHAINS = 32
 
@@ -1154,13 +1183,14 @@ def _grad_block_v(variant: str, K: int, V: int) -> int:
     return min(V, int(os.environ.get("RWKV7_WKV_GRAD_BV", "0")) or default)
 
 
-def _split_grad_tiles(BT: int, K: int, V: int) -> tuple[int, int]:
+def _split_grad_tiles(BT: int, K: int, V: int, form_u: bool = False) -> tuple[int, int]:
     """``_bwd_kgrad_kernel``'s V-block of its loop (``RWKV7_WKV_GRAD_KBV``) and K-block per program
     (``RWKV7_WKV_GRAD_BK``). Defaults from ptxas's spill counts for sm_90 (8 warps, no GPU timing
     yet). K = V = 64: BT 32: V-block 32, all of K (0 bytes spilled; K-block 32 spilled 632); BT 64:
     V-block 16, K-block 32 (0 bytes; all of K spilled 600). Larger heads keep K-blocks of 64 (K = 256,
-    BT 32, fp32: 408 bytes spilled and 32 KB of shared memory; all of K: 50940 bytes and 88 KB)."""
-    kbv = int(os.environ.get("RWKV7_WKV_GRAD_KBV", "0")) or (32 if BT <= 32 else 16)
+    BT 32, fp32: 408 bytes spilled and 32 KB of shared memory; all of K: 50940 bytes and 88 KB). When the
+    kernel forms u (``form_u``), all of V (H100, K = V = 64, BT 32: 0.89 ms vs 1.07 at 32, 1.16 at 16)."""
+    kbv = int(os.environ.get("RWKV7_WKV_GRAD_KBV", "0")) or (V if form_u else 32 if BT <= 32 else 16)
     bk = int(os.environ.get("RWKV7_WKV_GRAD_BK", "0")) or (64 if BT <= 32 else 32)
     return min(V, kbv), min(K, bk)
 
@@ -1242,14 +1272,19 @@ def _chain_sync(n_chunks: int, H: int, device, lookahead: bool = False) -> torch
     return torch.zeros(1 + (2 if lookahead else 1) * n_chunks * H, dtype=torch.int32, device=device)
 
 
-def _chain_lookahead(n_seq: int, H: int, n_chunks: int, K: int, V: int, device) -> torch.Tensor | None:
-    """The lookahead buffer of the chained kernels ([ceil(n_chunks / 2), H, 2, K, V] fp32: the transitions of the
-    chunks at even positions, see :func:`_la_slot`), or None (no lookahead). ``RWKV7_WKV_CHAIN_LOOKAHEAD``: "1" /
-    "0" forces it on / off; by default it is on when there are at most :data:`LOOKAHEAD_MAX_CHAINS` chains
-    (sequences x heads), where the chain, not the parallel work, sets the time (see "Lookahead" above)."""
+def _lookahead_on(n_seq: int, H: int, n_chunks: int, K: int, V: int) -> bool:
+    """Whether the chained kernels use the lookahead. ``RWKV7_WKV_CHAIN_LOOKAHEAD``: "1" / "0" forces it on / off;
+    by default it is on when there are at most :data:`LOOKAHEAD_MAX_CHAINS` chains (sequences x heads), where the
+    chain, not the parallel work, sets the time (see "Lookahead" above)."""
     env = os.environ.get("RWKV7_WKV_CHAIN_LOOKAHEAD")
     on = env == "1" if env in ("0", "1") else n_seq * H <= LOOKAHEAD_MAX_CHAINS
-    if not on or K != V or n_chunks == 0:
+    return on and K == V and n_chunks > 0
+
+
+def _chain_lookahead(n_seq: int, H: int, n_chunks: int, K: int, V: int, device) -> torch.Tensor | None:
+    """The lookahead buffer of the chained kernels ([ceil(n_chunks / 2), H, 2, K, V] fp32: the transitions of the
+    chunks at even positions, see :func:`_la_slot`), or None (no lookahead, :func:`_lookahead_on`)."""
+    if not _lookahead_on(n_seq, H, n_chunks, K, V):
         return None
     return torch.empty((n_chunks + 1) // 2, H, 2, K, V, dtype=torch.float32, device=device)
 
@@ -1364,13 +1399,16 @@ class _WKV7Function(torch.autograd.Function):
         common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=varlen)
         grad_prec, grad_prec_lo = _grad_dot_precisions(r.dtype)
         variant = _grad_variant(BT, K, V)
-        # u and dx of every chunk (fp32, padded rows included), for the split variant's K-side kernel: 2 * n_chunks
-        # * H * BT * V floats. For head size 64 the chained backward writes them (and dv) itself (with_dv).
+        # u and dx of every chunk (fp32, padded rows included), for the split variant's K-side kernel: n_chunks * H
+        # * BT * V floats each. For head size 64 the chained backward writes dx (and dv) itself (with_dv), and u
+        # too unless the K-side kernel forms it (form_u, see "Where u is formed").
         split = states is not None and variant == "split"
-        U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device) if split else None
-        DX = torch.empty_like(U) if split else None
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b)) if states is not None else (None,) * 6
         with_dv = split and _transition_form(K, V) and _grad_block_v(variant, K, V) == V
+        form_u = (with_dv and inv is not None and _split_grad_tiles(BT, K, V)[1] == K and _kgrad_forms_u()
+                  and not _lookahead_on(n_seq, H, n_chunks, K, V))
+        U = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device) if split and not form_u else None
+        DX = torch.empty(n_chunks, H, BT, V, dtype=torch.float32, device=r.device) if split else None
         if _transition_form(K, V):
             # The chain hands each chunk's end-state gradient to the chunk before through `dstates` (a scratch
             # buffer when only dh0 is wanted).
@@ -1383,7 +1421,8 @@ class _WKV7Function(torch.autograd.Function):
                     _chain_sync(n_chunks, H, r.device, la is not None), bwd_order, cu_seqlens, chunk_indices, seq_T,
                     n_seq, n_chunks * H, **common,
                     LOG2_BT=int(math.log2(BT)), HAS_DHT=dht is not None, PREC=prec, SCAN_PREC=_scan_precision(r.dtype),
-                    W_LOGIT=w_bias is not None, WITH_DV=with_dv, GRAD_PREC=grad_prec, num_warps=_parallel_warps(BT, K),
+                    W_LOGIT=w_bias is not None, WITH_DV=with_dv, GRAD_PREC=grad_prec, STORE_U=not form_u,
+                    num_warps=_parallel_warps(BT, K),
                 )
             del handover
             if ctx.empty_sequences:  # sequences without tokens: no program; the gradient passes through
@@ -1414,11 +1453,12 @@ class _WKV7Function(torch.autograd.Function):
                     H=H, K=K, V=V, BT=BT, BV=gbv, LOG2_BT=int(math.log2(BT)), IS_VARLEN=varlen, PREC=grad_prec,
                     PREC_LO=grad_prec_lo, W_LOGIT=w_bias is not None, num_warps=gwarps, **_dv_register_cap(BT, K, V, gwarps),
                 )
-            kbv, gbk = _split_grad_tiles(BT, K, V)
+            kbv, gbk = _split_grad_tiles(BT, K, V, form_u)
             _bwd_kgrad_kernel[(n_chunks * (K // gbk), H)](
-                r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, dr, dw, dk, da, db, cu_seqlens, chunk_indices,
-                seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=grad_prec, PREC_LO=grad_prec_lo,
-                W_LOGIT=w_bias is not None, num_warps=gwarps, num_stages=_stages(BT, K),
+                r, w, k, v, a, b, w_bias, do, states, dstates, U, DX, inv, dr, dw, dk, da, db, cu_seqlens,
+                chunk_indices, seq_T, H=H, K=K, V=V, BT=BT, BV=kbv, BK=gbk, IS_VARLEN=varlen, PREC=grad_prec,
+                PREC_LO=grad_prec_lo, W_LOGIT=w_bias is not None, FORM_U=form_u, num_warps=gwarps,
+                num_stages=_stages(BT, K),
             )
             del U, DX
         return dr, dw, dk, dv, da, db, dh0_out
