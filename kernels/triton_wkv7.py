@@ -938,6 +938,7 @@ def _bwd_kgrad_kernel(
     YE = tl.zeros([2 * BT, BK], dtype=tl.float32)  # [dkt; dbt]
     d_end = tl.zeros([BK], dtype=tl.float32)
     if FORM_U:  # the loop-invariant factors of u = T (A_ak v + ag h0)
+        tl.static_assert(BK == K, "FORM_U needs all of K in one program (A_ak, ag h0)")
         g0, gp0, _ = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
         ag0 = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp0)
         A_ak = _masked_dot_t(ag0, _load_tile(k, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(-g0), True, BT, PREC)
