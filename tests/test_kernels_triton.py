@@ -252,15 +252,16 @@ def test_lookahead_hands_on_the_same_states(varlen, monkeypatch):
     assert triton_wkv7._chain_lookahead(chains + 1, 1, 4, 64, 64, "cpu") is None
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_kside_kernel_forming_u_gives_the_same_gradients(varlen, monkeypatch):
+@pytest.mark.parametrize("varlen,dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (False, torch.float32)],
+                         ids=["bf16", "bf16-varlen", "fp32"])
+def test_kside_kernel_forming_u_gives_the_same_gradients(varlen, dtype, monkeypatch):
     """Without the lookahead the K-side gradient kernel forms u itself (``RWKV7_WKV_KGRAD_FORMS_U``, see "Where u is
     formed" in triton_wkv7.py) instead of reading what the chained backward stored: the same products on the same
     operands, so the same gradients up to fp32 rounding (numpy's matmul may sum in another order, and a bf16
-    gradient then rounds a few elements to the next bf16 value: ~1e-5 relative) and the reference's, for
-    fixed-length and packed sequences."""
+    gradient then rounds a few elements to the next bf16 value: ~1e-5 relative) and the reference's, for bf16 and
+    fp32 inputs, fixed-length and packed sequences."""
     cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
-    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 100, 2, 64, torch.bfloat16, seed=5)
+    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 100, 2, 64, dtype, seed=5)
     h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(6)) * 0.3
     monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", "0")
     runs = {}
@@ -270,7 +271,7 @@ def test_kside_kernel_forming_u_gives_the_same_gradients(varlen, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(runs["0"][:2], runs["1"][:2]))  # o, final state: no change
     assert all(rel(x, y) < 1e-4 for x, y in zip(runs["0"], runs["1"]))
     ref = run_with_grads(wkv7_reference, [x.float() for x in xs], h0, cu_seqlens=cu)
-    assert_close_all(runs["1"], ref, torch.bfloat16)
+    assert_close_all(runs["1"], ref, dtype)
 
 
 def test_forward_only_and_dispatch():
