@@ -35,7 +35,8 @@ Kernels:
   tiles (``RWKV7_WKV_GRAD_VARIANT=split``; the default for head size 64 from BT 32, where it is the faster
   one, and beyond the fused kernel's shared memory; see :func:`_grad_variant`): dv, u and dx per (V-block,
   chunk, head), then the K-side gradients per (K-block, chunk, head) from u and dx. For head size 64 the
-  chained backward does the dv kernel's part (it already holds the chunk's tiles and end-state gradient).
+  chained backward does the dv kernel's part (it already holds the chunk's tiles and end-state gradient),
+  except u where there is no lookahead: the K-side kernel forms it then (see "Where u is formed").
 * ``_decode_kernel``: the plain per-token recurrence for T = 1 (or a few tokens), updating the state
   in place.
 
