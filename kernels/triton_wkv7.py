@@ -42,8 +42,8 @@ Kernels:
 
 Numerics: every product accumulates in fp32 and every intermediate is fp32; the states (stored chunk
 states too) are fp32. For bf16/fp16 inputs the products use TF32 tensor cores (10-bit mantissa, finer
-than the inputs' own rounding), except those that only shape the delta-rule part of the chained
-forward's state transition (:func:`_transition_dot_precision`) and two groups in the gradient kernels
+than the inputs' own rounding), except the chained forward's delta-rule products (those with ``a``,
+``b`` or what they shape, :func:`_delta_dot_precision`) and two groups in the gradient kernels
 (:func:`_grad_dot_precisions`), which take bf16 operands; for fp32 inputs they are all full-precision ("ieee").
 
 Decay floor and chunk size: the factors ``e^{+-g}`` are formed separately, so one chunk's cumulative
@@ -381,24 +381,31 @@ def _fwd_kernel(
 #
 # Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
-# smaller. So the forward rounds to bf16 (``TRANS_PREC``, twice TF32's tensor-core rate) only the operands of
-# the products that shape the delta-rule part of the state transition: ``A_ab`` and the inverse, ``W``,
-# ``bt^T W`` (in P) and ``bt^T U0`` (in C); everything that reaches ``o`` directly, and the chain's ``P h``,
-# stays TF32. Measured group by group (Triton interpreter against the fp32 reference, then an H100 at
-# (8, 4096, 12, 64), benchmarks/results/ab_kernels_precision_h100.log): this set leaves o, dh0 and the input gradients
-# where TF32 has them (o 2.0e-3, dh0 1.7e-3, grads 4.0e-3; the final state 3.9e-4 -> 4.5e-4) for a forward
-# of 0.72 -> 0.65 ms. Also rounding ``A_rb``, ``R`` and ``U0`` (every delta-rule product of the forward) gave
-# 0.62 ms but o 2.1e-3 (interpreter: +15%); doing the same in the backward's u and dx took the gradients of
-# a and b from 5e-3 to 2.2e-2 (interpreter), and the backward's own P in bf16 gained nothing measurable.
+# smaller. So the forward rounds to bf16 (``DELTA_PREC``, twice TF32's tensor-core rate) the operands of its
+# delta-rule products: ``A_ab`` and the inverse, ``W``, ``bt^T W`` (in P), ``A_rb`` and ``A_rb W`` (in R), ``A_ak``,
+# ``A_ak v`` and ``T (A_ak v)`` (U0), ``bt^T U0`` (in C) and ``A_rb U0`` (in Oc); ``A_rk v``, ``kt^T v``, and the
+# chain's ``P h`` and ``R h`` stay TF32. Measured group by group (Triton interpreter against the fp32 reference,
+# then an H100 at the benchmark shapes, benchmarks/results/ab_kernels_precision_h100.log and
+# ab_kernels_delta_prec_h100.log). The transition's group alone (the inverse, W, bt^T W, bt^T U0) left o, dh0 and
+# the input gradients where TF32 has them (o 2.0e-3, dh0 1.7e-3, grads 4.0e-3; the final state 3.9e-4 -> 4.5e-4)
+# for a forward of 0.72 -> 0.65 ms at (8, 4096, 12, 64). Adding ``A_rb``, R and U0 (the default since the eighth
+# 2026-11-26 session): o 2.0e-3 -> 2.1e-3 and the final state 4.5e-4 -> 6.0e-4 (the peer's: 2.5e-3 and 1.4e-3; dh0
+# and the gradients unchanged) for a forward of 0.66 -> 0.62 ms at (8, 4096, 12) and 0.87 -> 0.81 ms at
+# (4, 4096, 32) (U0's group alone gave half of it; A_rb and R alone were slower, 0.87 -> 0.89 ms). The backward keeps TF32 where it
+# matters: rounding its u and dx took the gradients of a and b from 5e-3 to 2.2e-2 (interpreter), its A_rb and R
+# doubled da's error, the K-side kernel's u alone tripled db's; rounding only its P (W, bt^T W), its ``bt dh`` and
+# ``(k tail) dh`` or u's ``ag h0`` moved the gradients by up to 7% (interpreter) and the time by +-1% either way
+# (H100, ab_kernels_delta_prec_h100.log), so those were left at TF32 too.
 
 
 @triton.jit
 def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constexpr, K: tl.constexpr,
                       BT: tl.constexpr, LOG2_BT: tl.constexpr, FORM_INV: tl.constexpr, STORE_INV: tl.constexpr,
-                      PREC: tl.constexpr, TRANS_PREC: tl.constexpr, W_LOGIT: tl.constexpr):
+                      PREC: tl.constexpr, DELTA_PREC: tl.constexpr, W_LOGIT: tl.constexpr):
     """The chunk's ``P`` and ``R`` (and what the forward's ``C``, ``Oc`` reuse). The inverse
-    ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``. ``TRANS_PREC``:
-    the products that only shape the delta-rule part of the transition (see "Precision" above)."""
+    ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``. ``DELTA_PREC``:
+    the delta-rule products (the inverse, ``W``, ``P``'s ``bt^T W``, ``A_rb`` and ``R``'s ``A_rb W``; see
+    "Precision" above)."""
     kk = tl.arange(0, K)
     g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
@@ -408,17 +415,17 @@ def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constex
     bt = b_c * tail
     ag = _load_tile(a, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(gp)
     if FORM_INV:
-        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, TRANS_PREC), BT, LOG2_BT, TRANS_PREC)
+        inv = _unit_lower_inverse(_masked_dot_t(ag, bn, True, BT, DELTA_PREC), BT, LOG2_BT, DELTA_PREC)
         if STORE_INV:
             tl.store(INV + _inverse_offsets(cbase, BT), inv)
     else:
         inv = tl.load(INV + _inverse_offsets(cbase, BT))
-    W = _dot(inv, ag, TRANS_PREC)  # [BT, K]
-    Pm = _dot(tl.trans(bt), W, TRANS_PREC)
+    W = _dot(inv, ag, DELTA_PREC)  # [BT, K]
+    Pm = _dot(tl.trans(bt), W, DELTA_PREC)
     Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
-    A_rb = _masked_dot_t(rg, bn, False, BT, PREC)
-    Rm = rg + _dot(A_rb, W, PREC)
+    A_rb = _masked_dot_t(rg, bn, False, BT, DELTA_PREC)
+    Rm = rg + _dot(A_rb, W, DELTA_PREC)
     return Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv
 
 
@@ -536,7 +543,7 @@ def _chain_fwd_kernel(
     r, w, k, v, a, b, w_bias, o, h0, ht, states, INV, LA, sync, order, cu_seqlens, chunk_indices, T, n_seq, n_flags,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, TRANS_PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
+    PREC: tl.constexpr, DELTA_PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
 ):
     """One program = one chunk of one head: form P, C, R, Oc (all parallel work), then take the chunk's
     start state from its predecessor, hand ``h_end = P h + C`` on, and store ``o = Oc + R h``.
@@ -551,15 +558,15 @@ def _chain_fwd_kernel(
                                                             BT, IS_VARLEN, False)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
     Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
-        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, TRANS_PREC,
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, DELTA_PREC,
         W_LOGIT)
     k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
     kn = k_c * e_neg
     v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
-    U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, PREC), v_c, PREC), PREC)
-    Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, TRANS_PREC)
+    U0 = _dot(inv, _dot(_masked_dot_t(ag, kn, True, BT, DELTA_PREC), v_c, DELTA_PREC), DELTA_PREC)
+    Cm = _dot(tl.trans(k_c * tail), v_c, PREC) + _dot(tl.trans(bt), U0, DELTA_PREC)
     Om = _dot(_masked_dot_t(rg, kn, False, BT, PREC), v_c, PREC)
-    Om += _dot(A_rb, U0, PREC)
+    Om += _dot(A_rb, U0, DELTA_PREC)
 
     soffs = _state_offsets(K, V, 0, V)
     h = _chain_receive(LA, sync, n_flags, states, cbase, cbase - H, pos, first, nv > BT, Pm, Cm, h0, i_n * H + i_h,
@@ -1090,7 +1097,7 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     at (8, 4096, 12, 64): worst input gradient 4.0e-3 vs 3.9e-3 (the peer's: 4.4e-3), fwd+bwd 3.54 vs 3.74 ms
     (benchmarks/results/tune_kernels_split_h200.json). Since then, for head sizes up to 64 (the transition
     form) the gradient kernels read the inverse that the chained forward formed (bf16 products by default, see
-    :func:`_transition_dot_precision`), so there "mixed" rounds only the state outer products; larger heads
+    :func:`_delta_dot_precision`), so there "mixed" rounds only the state outer products; larger heads
     form it in bf16 here.
     """
     env = os.environ.get("RWKV7_WKV_GRAD_DOT_PREC")
@@ -1105,13 +1112,13 @@ def _grad_dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     return prec, prec
 
 
-def _transition_dot_precision(dtype: torch.dtype) -> str:
-    """Precision of the products that only shape the delta-rule part of a chunk's state transition in the
-    chained kernels (see "Precision" above): ``RWKV7_WKV_TRANSITION_DOT_PREC``, else bf16 where the other
-    products are TF32 (the default for bf16/fp16 inputs), else the same as the others (fp32 inputs: "ieee")."""
-    env = os.environ.get("RWKV7_WKV_TRANSITION_DOT_PREC")
+def _delta_dot_precision(dtype: torch.dtype) -> str:
+    """Precision of the chained forward's delta-rule products (see "Precision" above):
+    ``RWKV7_WKV_DELTA_DOT_PREC``, else bf16 where the other products are TF32 (the default for bf16/fp16
+    inputs), else the same as the others (fp32 inputs: "ieee"). The backward keeps its own precisions."""
+    env = os.environ.get("RWKV7_WKV_DELTA_DOT_PREC")
     if env and env not in DOT_PRECISIONS:
-        raise ValueError(f"RWKV7_WKV_TRANSITION_DOT_PREC={env!r}: expected one of {DOT_PRECISIONS}")
+        raise ValueError(f"RWKV7_WKV_DELTA_DOT_PREC={env!r}: expected one of {DOT_PRECISIONS}")
     prec = _dot_precision(dtype)
     if dtype == torch.float32:
         return prec
@@ -1344,7 +1351,7 @@ class _WKV7Function(torch.autograd.Function):
                     _chain_sync(n_chunks, H, r.device, la is not None), fwd_order, cu_seqlens, chunk_indices, seq_T,
                     n_seq, n_chunks * H, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
                     STORE_FINAL=output_final_state, PREC=_dot_precision(dtype),
-                    TRANS_PREC=_transition_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
+                    DELTA_PREC=_delta_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
                     W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
                 )
             if empty and ht is not None:  # sequences without tokens: no program; their final state is h0

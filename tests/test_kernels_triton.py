@@ -159,30 +159,29 @@ def test_bf16_products_in_gradient_kernel_only(grad_prec, grad_env, monkeypatch)
         run_with_grads(wkv7_triton, xs, h0, chunk_size=16)
 
 
-def test_transition_products_in_bf16_keep_outputs_and_gradients(monkeypatch):
-    """bf16 inputs: by default the chained forward rounds to bf16 only the operands of the products that shape
-    the delta-rule part of the state transition (``RWKV7_WKV_TRANSITION_DOT_PREC``, see "Precision" in
-    kernels/triton_wkv7.py). o, dh0 and every input gradient stay as close to the fp32 reference as with TF32
-    (full fp32 in the interpreter) there; the final state moves, but stays within 2e-3. fp32 inputs keep
-    full-precision products."""
-    from rwkv7_kernels.triton_wkv7 import _transition_dot_precision
+def test_delta_rule_products_in_bf16_keep_outputs_and_gradients(monkeypatch):
+    """bf16 inputs: by default the chained forward rounds to bf16 the operands of its delta-rule products
+    (``RWKV7_WKV_DELTA_DOT_PREC``, see "Precision" in kernels/triton_wkv7.py). o, dh0 and every input gradient
+    stay within 20% of their distance to the fp32 reference with TF32 (full fp32 in the interpreter); the final
+    state moves, but stays within 2e-3. fp32 inputs keep full-precision products."""
+    from rwkv7_kernels.triton_wkv7 import _delta_dot_precision
 
     xs = rwkv_inputs(1, 77, 2, 64, torch.bfloat16, seed=9)
     h0 = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(10)).to(DEVICE) * 0.3
     ref = run_with_grads(lambda *x, **kw: wkv7_reference(*(t.float() for t in x[:6]), **kw), xs, h0)
-    monkeypatch.setenv("RWKV7_WKV_TRANSITION_DOT_PREC", "tf32")
+    monkeypatch.setenv("RWKV7_WKV_DELTA_DOT_PREC", "tf32")
     fine = run_with_grads(wkv7_triton, xs, h0, chunk_size=32)
-    monkeypatch.delenv("RWKV7_WKV_TRANSITION_DOT_PREC")
+    monkeypatch.delenv("RWKV7_WKV_DELTA_DOT_PREC")
     default = run_with_grads(wkv7_triton, xs, h0, chunk_size=32)
     assert not torch.equal(default[1], fine[1])  # the default does round something
     base = {n: rel(x, y) for n, x, y in zip(wkv_cases.NAMES, fine, ref)}
     errs = {n: rel(x, y) for n, x, y in zip(wkv_cases.NAMES, default, ref)}
     assert errs["final_state"] < 2e-3, errs
     assert all(errs[n] < 1.2 * base[n] + 1e-4 for n in errs if n != "final_state"), (errs, base)
-    assert _transition_dot_precision(torch.bfloat16) == "bf16"
-    assert _transition_dot_precision(torch.float32) == "ieee"
-    monkeypatch.setenv("RWKV7_WKV_TRANSITION_DOT_PREC", "fp8")
-    with pytest.raises(ValueError, match="RWKV7_WKV_TRANSITION_DOT_PREC"):
+    assert _delta_dot_precision(torch.bfloat16) == "bf16"
+    assert _delta_dot_precision(torch.float32) == "ieee"
+    monkeypatch.setenv("RWKV7_WKV_DELTA_DOT_PREC", "fp8")
+    with pytest.raises(ValueError, match="RWKV7_WKV_DELTA_DOT_PREC"):
         wkv7_triton(*xs, initial_state=h0)
 
 
