@@ -379,6 +379,16 @@ def _fwd_kernel(
 # 2.56 -> 2.71; (2, 8192, 32) and (8, 4096, 12): slower (0.88 -> 0.99 and 0.66 -> 0.75 ms forward). Publishing
 # from every program (waiting two back everywhere) cost twice as much: (1, 16384, 32) forward 1.18 ms.
 #
+# Factored chain step (forward, no lookahead). ``P = diag(e^{g_last}) + bt^T W`` and ``R = rg + A_rb W`` are formed
+# only to be applied once, to the chunk's start state: so without the lookahead (which publishes P) the forward
+# applies their factors instead, ``Wh = W h``, ``h_end = e^{g_last} h + bt^T Wh + C``, ``o = Oc + rg h + A_rb Wh``:
+# 4 products of [BT, K] x [K, V] size instead of [K, K] P (bt^T W), P h, A_rb W and R h, ~131k fewer multiply-adds per
+# chunk and head, for two dependent products on the chain instead of one. H100, same process
+# (benchmarks/results/ab_kernels_factored_h100.log): forward 0.617 -> 0.574 ms at (8, 4096, 12, 64), 0.813 -> 0.761 at
+# (4, 4096, 32), 0.838 -> 0.783 at (2, 8192, 32); the same errors. The backward's chain step factored the same way
+# (``P^T dh = e^{g_last} dh + W^T (bt dh)``, ``bt dh`` shared with the dv work's ``du``) was slower, its chained
+# kernel 0.896 -> 0.920 ms at (4, 4096, 32) (spills 56 -> 256 bytes), so it keeps P.
+#
 # Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
 # smaller. So the forward rounds to bf16 (``DELTA_PREC``, twice TF32's tensor-core rate) the operands of its
@@ -399,14 +409,27 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _transition_p(W, bt, g_last, K: tl.constexpr, DELTA_PREC: tl.constexpr):
+    """``P = diag(e^{g_last}) + bt^T W`` ([K, K]): the chunk's map of its start state to its end state."""
+    kk = tl.arange(0, K)
+    return _dot(tl.trans(bt), W, DELTA_PREC) + tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
+
+
+@triton.jit
+def _transition_r(W, rg, A_rb, DELTA_PREC: tl.constexpr):
+    """``R = rg + A_rb W`` ([BT, K]): the chunk's map of its start state to its outputs."""
+    return rg + _dot(A_rb, W, DELTA_PREC)
+
+
+@triton.jit
 def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constexpr, K: tl.constexpr,
                       BT: tl.constexpr, LOG2_BT: tl.constexpr, FORM_INV: tl.constexpr, STORE_INV: tl.constexpr,
-                      PREC: tl.constexpr, DELTA_PREC: tl.constexpr, W_LOGIT: tl.constexpr):
+                      DELTA_PREC: tl.constexpr, W_LOGIT: tl.constexpr, FORM_P: tl.constexpr, FORM_R: tl.constexpr):
     """The chunk's ``P`` and ``R`` (and what the forward's ``C``, ``Oc`` reuse). The inverse
     ``(I - A_ab)^-1`` is formed (``FORM_INV``; stored when ``STORE_INV``) or read from ``INV``. ``DELTA_PREC``:
     the delta-rule products (the inverse, ``W``, ``P``'s ``bt^T W``, ``A_rb`` and ``R``'s ``A_rb W``; see
-    "Precision" above)."""
-    kk = tl.arange(0, K)
+    "Precision" above). P and R are formed when ``FORM_P`` / ``FORM_R`` (else W and rg stand in for them, unused:
+    Triton has no None tiles; the factored chain step applies their factors instead, see "Factored chain step")."""
     g, gp, g_last = _chunk_gates(_load_log_decay(w, w_bias, t0, nv, i_h, H, K, 0, BT, K, W_LOGIT))
     e_neg = tl.exp(-g)
     tail = tl.exp(g_last[None, :] - g)
@@ -421,12 +444,15 @@ def _chunk_transition(r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H: tl.constex
     else:
         inv = tl.load(INV + _inverse_offsets(cbase, BT))
     W = _dot(inv, ag, DELTA_PREC)  # [BT, K]
-    Pm = _dot(tl.trans(bt), W, DELTA_PREC)
-    Pm += tl.where(kk[:, None] == kk[None, :], tl.exp(g_last)[:, None], 0.0)
+    Pm = W
+    if FORM_P:
+        Pm = _transition_p(W, bt, g_last, K, DELTA_PREC)
     rg = _load_tile(r, t0, nv, i_h, H, K, 0, BT, K) * tl.exp(g)
     A_rb = _masked_dot_t(rg, bn, False, BT, DELTA_PREC)
-    Rm = rg + _dot(A_rb, W, DELTA_PREC)
-    return Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv
+    Rm = rg
+    if FORM_R:
+        Rm = _transition_r(W, rg, A_rb, DELTA_PREC)
+    return Pm, Rm, W, g_last, A_rb, rg, ag, bt, e_neg, tail, inv
 
 
 @triton.jit
@@ -544,9 +570,11 @@ def _chain_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     HAS_H0: tl.constexpr, H0_BCAST: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr, DELTA_PREC: tl.constexpr, SCAN_PREC: tl.constexpr, W_LOGIT: tl.constexpr,
+    FACTORED: tl.constexpr,
 ):
     """One program = one chunk of one head: form P, C, R, Oc (all parallel work), then take the chunk's
-    start state from its predecessor, hand ``h_end = P h + C`` on, and store ``o = Oc + R h``.
+    start state from its predecessor, hand ``h_end = P h + C`` on, and store ``o = Oc + R h``. ``FACTORED``: P and
+    R are applied through their factors, not formed (see "Factored chain step" above).
 
     ``states`` ([n_chunks, H, K, V] fp32) is both the hand-over buffer and what the backward restarts
     each chunk from. ``sync`` is int32 zeros: ``sync[0]`` deals the tickets, ``sync[1 + chunk*H + head]``
@@ -557,9 +585,9 @@ def _chain_fwd_kernel(
     i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
                                                             BT, IS_VARLEN, False)
     cbase = i_c.to(tl.int64) * H + i_h  # chunk-major, like the stored states
-    Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
-        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, PREC, DELTA_PREC,
-        W_LOGIT)
+    Pm, Rm, W, g_last, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, True, INV is not None, DELTA_PREC, W_LOGIT,
+        not FACTORED, not FACTORED)
     k_c = _load_tile(k, t0, nv, i_h, H, K, 0, BT, K)
     kn = k_c * e_neg
     v_c = _load_tile(v, t0, nv, i_h, H, V, 0, BT, V)
@@ -571,14 +599,21 @@ def _chain_fwd_kernel(
     soffs = _state_offsets(K, V, 0, V)
     h = _chain_receive(LA, sync, n_flags, states, cbase, cbase - H, pos, first, nv > BT, Pm, Cm, h0, i_n * H + i_h,
                        i_h, soffs, HAS_H0, H0_BCAST, False, SCAN_PREC, H, K, V)
-    h_end = _dot(Pm, h, SCAN_PREC) + Cm
+    if FACTORED:  # P h = e^{g_last} h + bt^T (W h), R h = rg h + A_rb (W h)
+        Wh = _dot(W, h, SCAN_PREC)
+        h_end = tl.exp(g_last)[:, None] * h + _dot(tl.trans(bt), Wh, DELTA_PREC) + Cm
+    else:
+        h_end = _dot(Pm, h, SCAN_PREC) + Cm
     if last:
         if STORE_FINAL:
             tl.store(ht + (i_n * H + i_h).to(tl.int64) * (K * V) + soffs, h_end)
     else:
         tl.store(states + (cbase + H) * (K * V) + soffs, h_end)
         _chain_signal(sync + 1 + cbase + H)
-    Om += _dot(Rm, h, SCAN_PREC)
+    if FACTORED:
+        Om += _dot(rg, h, SCAN_PREC) + _dot(A_rb, Wh, DELTA_PREC)
+    else:
+        Om += _dot(Rm, h, SCAN_PREC)
     _store_tile(o, Om, t0, nv, i_h, H, V, 0, BT, V)
 
 
@@ -599,8 +634,8 @@ def _chain_bwd_kernel(
     i_c, i_n, i_h, t0, nv, first, last, pos = _chain_chunk(ticket, n_seq, order, chunk_indices, T, cu_seqlens, H,
                                                             BT, IS_VARLEN, True)
     cbase = i_c.to(tl.int64) * H + i_h
-    Pm, Rm, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
-        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, PREC, W_LOGIT)
+    Pm, Rm, W, g_last, A_rb, rg, ag, bt, e_neg, tail, inv = _chunk_transition(
+        r, w, a, b, w_bias, INV, t0, nv, cbase, i_h, H, K, BT, LOG2_BT, INV is None, False, PREC, W_LOGIT, True, True)
     do_c = _load_tile(do, t0, nv, i_h, H, V, 0, BT, V)
     dC = _dot(tl.trans(Rm), do_c, PREC)
 
@@ -1292,6 +1327,13 @@ def _lookahead_on(n_seq: int, H: int, n_chunks: int, K: int, V: int) -> bool:
     return on and K == V and n_chunks > 0
 
 
+def _factored_chain(la: torch.Tensor | None) -> bool:
+    """Whether the chained kernels apply P and R through their factors (see "Factored chain step"): where there is
+    no lookahead (which publishes P), unless ``RWKV7_WKV_FACTORED_CHAIN=0``."""
+    env = os.environ.get("RWKV7_WKV_FACTORED_CHAIN")
+    return la is None and env != "0"
+
+
 def _chain_lookahead(n_seq: int, H: int, n_chunks: int, K: int, V: int, device) -> torch.Tensor | None:
     """The lookahead buffer of the chained kernels ([ceil(n_chunks / 2), H, 2, K, V] fp32: the transitions of the
     chunks at even positions, see :func:`_la_slot`), or None (no lookahead, :func:`_lookahead_on`)."""
@@ -1352,7 +1394,7 @@ class _WKV7Function(torch.autograd.Function):
                     n_seq, n_chunks * H, **common, LOG2_BT=int(math.log2(BT)), **h0_flags,
                     STORE_FINAL=output_final_state, PREC=_dot_precision(dtype),
                     DELTA_PREC=_delta_dot_precision(dtype), SCAN_PREC=_scan_precision(dtype),
-                    W_LOGIT=w_bias is not None, num_warps=_parallel_warps(BT, K),
+                    W_LOGIT=w_bias is not None, FACTORED=_factored_chain(la), num_warps=_parallel_warps(BT, K),
                 )
             if empty and ht is not None:  # sequences without tokens: no program; their final state is h0
                 ht[empty] = 0.0 if h0_f is None else h0_f[[0] * len(empty) if h0_flags["H0_BCAST"] else empty]

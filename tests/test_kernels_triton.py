@@ -240,6 +240,7 @@ def test_lookahead_hands_on_the_same_states(varlen, monkeypatch):
     xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 200, 2, 64, torch.bfloat16, seed=3)
     h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(4)) * 0.3
     monkeypatch.setenv("RWKV7_WKV_KGRAD_FORMS_U", "0")  # else the K-side kernel forms u without the lookahead
+    monkeypatch.setenv("RWKV7_WKV_FACTORED_CHAIN", "0")  # else the forward factors P and R without the lookahead
     runs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", flag)
@@ -271,6 +272,31 @@ def test_kside_kernel_forming_u_gives_the_same_gradients(varlen, dtype, monkeypa
     assert all(rel(x, y) < 1e-4 for x, y in zip(runs["0"], runs["1"]))
     ref = run_with_grads(wkv7_reference, [x.float() for x in xs], h0, cu_seqlens=cu)
     assert_close_all(runs["1"], ref, dtype)
+
+
+@pytest.mark.parametrize("varlen,dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (False, torch.float32)],
+                         ids=["bf16", "bf16-varlen", "fp32"])
+def test_factored_chain_step_matches_the_transition_form(varlen, dtype, monkeypatch):
+    """Without the lookahead the chained forward applies P and R through their factors (``P h = e^{g_last} h +
+    bt^T (W h)``, ``R h = rg h + A_rb (W h)``; "Factored chain step" in triton_wkv7.py) instead of forming them:
+    the same outputs, final state and gradients as the formed P and R up to rounding (exactly fp32's for fp32
+    inputs), and the reference's, for fixed-length and packed sequences; with the lookahead P is still formed."""
+    from rwkv7_kernels import triton_wkv7
+
+    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
+    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 100, 2, 64, dtype, seed=7)
+    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(8)) * 0.3
+    monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", "0")
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RWKV7_WKV_FACTORED_CHAIN", flag)
+        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3  # bf16: bt^T (W h) rounds W h, P h rounded bt^T W
+    assert all(rel(x, y) < tol for x, y in zip(runs["0"], runs["1"]))
+    ref = run_with_grads(wkv7_reference, [x.float() for x in xs], h0, cu_seqlens=cu)
+    assert_close_all(runs["1"], ref, dtype)
+    monkeypatch.delenv("RWKV7_WKV_FACTORED_CHAIN")
+    assert triton_wkv7._factored_chain(None) and not triton_wkv7._factored_chain(torch.zeros(1))
 
 
 def test_forward_only_and_dispatch():
