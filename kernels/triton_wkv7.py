@@ -387,7 +387,8 @@ def _fwd_kernel(
 # (benchmarks/results/ab_kernels_factored_h100.log): forward 0.617 -> 0.574 ms at (8, 4096, 12, 64), 0.813 -> 0.761 at
 # (4, 4096, 32), 0.838 -> 0.783 at (2, 8192, 32); the same errors. The backward's chain step factored the same way
 # (``P^T dh = e^{g_last} dh + W^T (bt dh)``, ``bt dh`` shared with the dv work's ``du``) was slower, its chained
-# kernel 0.896 -> 0.920 ms at (4, 4096, 32) (spills 56 -> 256 bytes), so it keeps P.
+# kernel 0.896 -> 0.920 ms at (4, 4096, 32) (spills 56 -> 256 bytes), and with W^T formed directly and ``A_rb^T do``
+# shared too (R not formed) 0.896 -> 1.004 ms (496 bytes), so it keeps P.
 #
 # Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
