@@ -394,19 +394,20 @@ def _fwd_kernel(
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
 # smaller. So the forward rounds to bf16 (``DELTA_PREC``, twice TF32's tensor-core rate) the operands of its
 # delta-rule products: ``A_ab`` and the inverse, ``W``, ``bt^T W`` (in P), ``A_rb`` and ``A_rb W`` (in R), ``A_ak``,
-# ``A_ak v`` and ``T (A_ak v)`` (U0), ``bt^T U0`` (in C) and ``A_rb U0`` (in Oc); ``A_rk v``, ``kt^T v``, and the
-# chain's ``P h`` and ``R h`` stay TF32. Measured group by group (Triton interpreter against the fp32 reference,
+# ``A_ak v`` and ``T (A_ak v)`` (U0), ``bt^T U0`` (in C) and ``A_rb U0`` (in Oc), and in the factored chain step
+# ``bt^T (W h)`` and ``A_rb (W h)``; ``A_rk v``, ``kt^T v`` and what multiplies the state itself (``P h`` and ``R h``,
+# or ``W h`` and ``rg h``) stay TF32. Measured group by group (Triton interpreter against the fp32 reference,
 # then an H100 at the benchmark shapes, benchmarks/results/ab_kernels_precision_h100.log and
 # ab_kernels_delta_prec_h100.log). The transition's group alone (the inverse, W, bt^T W, bt^T U0) left o, dh0 and
 # the input gradients where TF32 has them (o 2.0e-3, dh0 1.7e-3, grads 4.0e-3; the final state 3.9e-4 -> 4.5e-4)
 # for a forward of 0.72 -> 0.65 ms at (8, 4096, 12, 64). Adding ``A_rb``, R and U0 (the default since the eighth
 # 2026-11-26 session): o 2.0e-3 -> 2.1e-3 and the final state 4.5e-4 -> 6.0e-4 (the peer's: 2.5e-3 and 1.4e-3; dh0
 # and the gradients unchanged) for a forward of 0.66 -> 0.62 ms at (8, 4096, 12) and 0.87 -> 0.81 ms at
-# (4, 4096, 32) (U0's group alone gave half of it; A_rb and R alone were slower, 0.87 -> 0.89 ms). The backward keeps TF32 where it
-# matters: rounding its u and dx took the gradients of a and b from 5e-3 to 2.2e-2 (interpreter), its A_rb and R
-# doubled da's error, the K-side kernel's u alone tripled db's; rounding only its P (W, bt^T W), its ``bt dh`` and
-# ``(k tail) dh`` or u's ``ag h0`` moved the gradients by up to 7% (interpreter) and the time by +-1% either way
-# (H100, ab_kernels_delta_prec_h100.log), so those were left at TF32 too.
+# (4, 4096, 32) (U0's group alone gave half of it; A_rb and R alone were slower, 0.87 -> 0.89 ms). The backward
+# keeps TF32 where it matters: rounding its u and dx took the gradients of a and b from 5e-3 to 2.2e-2
+# (interpreter), its A_rb and R doubled da's error, the K-side kernel's u alone tripled db's; rounding only its P
+# (W, bt^T W), its ``bt dh`` and ``(k tail) dh`` or u's ``ag h0`` moved the gradients by up to 7% (interpreter) and
+# the time by +-1% either way (H100, ab_kernels_delta_prec_h100.log), so those were left at TF32 too.
 
 
 @triton.jit
