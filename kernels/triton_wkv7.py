@@ -389,6 +389,11 @@ def _fwd_kernel(
 # (``P^T dh = e^{g_last} dh + W^T (bt dh)``, ``bt dh`` shared with the dv work's ``du``) was slower, its chained
 # kernel 0.896 -> 0.920 ms at (4, 4096, 32) (spills 56 -> 256 bytes), and with W^T formed directly and ``A_rb^T do``
 # shared too (R not formed) 0.896 -> 1.004 ms (496 bytes), so it keeps P.
+# One step further, the forward could form all of ``u = T (A_ak v + ag h)`` after the wait (no W, no U0: 8 products
+# instead of 11, but three dependent ones on the chain): 0.572 -> 0.554 ms at (8, 4096, 12) and 0.755 -> 0.730 at
+# (4, 4096, 32) (96 and 128 chains of 128 chunks), yet 0.777 -> 0.804 at (2, 8192, 32) (64 chains of 256 chunks,
+# where the chain's length counts). A third regime chosen by a chain-count threshold measured at three shapes was
+# not worth it; the factored step is kept for every shape without the lookahead.
 #
 # Precision. ``o`` is dominated by the intra-chunk term ``A_rk v`` and by ``rg h`` (|r| |k| ~ head size),
 # while the delta-rule terms (``a = -kk``, ``b = kk * iclr``, unit-norm ``kk``) are an order of magnitude
