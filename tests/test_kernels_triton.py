@@ -228,6 +228,24 @@ def test_chain_orders_never_wait_on_a_later_ticket():
         assert len(slots) >= 8 and len(slots) == len(set(slots))
 
 
+def _chain_case(varlen, dtype, seed, fixed_T):
+    """Inputs of the chained kernels' A/B tests (head size 64, 2 heads): two sequences of ``fixed_T`` tokens, or
+    five packed ones of uneven lengths (one of a single token) with one initial state each."""
+    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
+    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else fixed_T, 2, 64, dtype, seed=seed)
+    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(seed + 1)) * 0.3
+    return xs, h0, cu
+
+
+def _runs_with_flag_off_and_on(monkeypatch, env, xs, h0, cu):
+    """Outputs, final state and gradients of the Triton path (chunk 32) with ``env`` set to "0" and to "1"."""
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(env, flag)
+        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    return runs
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_lookahead_hands_on_the_same_states(varlen, monkeypatch):
     """The chained kernels' lookahead (``RWKV7_WKV_CHAIN_LOOKAHEAD``: some programs form their start state from
@@ -236,15 +254,10 @@ def test_lookahead_hands_on_the_same_states(varlen, monkeypatch):
     fixed-length and packed sequences of odd and even chunk counts; and it is the default only for few chains."""
     from rwkv7_kernels import triton_wkv7
 
-    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
-    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 200, 2, 64, torch.bfloat16, seed=3)
-    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(4)) * 0.3
+    xs, h0, cu = _chain_case(varlen, torch.bfloat16, seed=3, fixed_T=200)
     monkeypatch.setenv("RWKV7_WKV_KGRAD_FORMS_U", "0")  # else the K-side kernel forms u without the lookahead
     monkeypatch.setenv("RWKV7_WKV_FACTORED_CHAIN", "0")  # else the forward factors P and R without the lookahead
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", flag)
-        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    runs = _runs_with_flag_off_and_on(monkeypatch, "RWKV7_WKV_CHAIN_LOOKAHEAD", xs, h0, cu)
     assert all(torch.equal(x, y) for x, y in zip(runs["0"], runs["1"]))
     monkeypatch.delenv("RWKV7_WKV_CHAIN_LOOKAHEAD")
     chains = triton_wkv7.LOOKAHEAD_MAX_CHAINS
@@ -260,14 +273,9 @@ def test_kside_kernel_forming_u_gives_the_same_gradients(varlen, dtype, monkeypa
     operands, so the same gradients up to fp32 rounding (numpy's matmul may sum in another order, and a bf16
     gradient then rounds a few elements to the next bf16 value: ~1e-5 relative) and the reference's, for bf16 and
     fp32 inputs, fixed-length and packed sequences."""
-    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
-    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 100, 2, 64, dtype, seed=5)
-    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(6)) * 0.3
+    xs, h0, cu = _chain_case(varlen, dtype, seed=5, fixed_T=100)
     monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", "0")
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("RWKV7_WKV_KGRAD_FORMS_U", flag)
-        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    runs = _runs_with_flag_off_and_on(monkeypatch, "RWKV7_WKV_KGRAD_FORMS_U", xs, h0, cu)
     assert all(torch.equal(x, y) for x, y in zip(runs["0"][:2], runs["1"][:2]))  # o, final state: no change
     assert all(rel(x, y) < 1e-4 for x, y in zip(runs["0"], runs["1"]))
     ref = run_with_grads(wkv7_reference, [x.float() for x in xs], h0, cu_seqlens=cu)
@@ -283,14 +291,9 @@ def test_factored_chain_step_matches_the_transition_form(varlen, dtype, monkeypa
     inputs), and the reference's, for fixed-length and packed sequences; with the lookahead P is still formed."""
     from rwkv7_kernels import triton_wkv7
 
-    cu = torch.tensor([0, 10, 40, 41, 150, 300]) if varlen else None
-    xs = rwkv_inputs(1 if varlen else 2, 300 if varlen else 100, 2, 64, dtype, seed=7)
-    h0 = torch.randn(5 if varlen else 2, 2, 64, 64, generator=torch.Generator().manual_seed(8)) * 0.3
+    xs, h0, cu = _chain_case(varlen, dtype, seed=7, fixed_T=100)
     monkeypatch.setenv("RWKV7_WKV_CHAIN_LOOKAHEAD", "0")
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("RWKV7_WKV_FACTORED_CHAIN", flag)
-        runs[flag] = run_with_grads(wkv7_triton, xs, h0, chunk_size=32, cu_seqlens=cu)
+    runs = _runs_with_flag_off_and_on(monkeypatch, "RWKV7_WKV_FACTORED_CHAIN", xs, h0, cu)
     tol = 1e-5 if dtype == torch.float32 else 3e-3  # bf16: bt^T (W h) rounds W h, P h rounded bt^T W
     assert all(rel(x, y) < tol for x, y in zip(runs["0"], runs["1"]))
     ref = run_with_grads(wkv7_reference, [x.float() for x in xs], h0, cu_seqlens=cu)
